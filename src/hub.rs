@@ -1,0 +1,132 @@
+//! Hub: who is online, and on which sessions. The loop's map of user → live sessions, used to route messages.
+//!
+//! Owns: the online map only. A user is online while at least one of their sessions is in it ([HB-7.5]).
+//! Users are keyed by the integer id resolved at login, so routing never hashes a name per frame; a second map
+//! from username finds online users by name.
+//!
+//! Must not: hold sessions themselves (the slab does; the hub keeps `(session id, slot)` handles, checked by the
+//! caller against the slab), do I/O, or outlive a session: the reactor calls `leave` in its one disconnect path.
+
+use crate::store::UserId;
+use std::collections::HashMap;
+
+/// A handle to a live session: its slab slot, and its never-reused id to tell a reused slot apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionRef {
+    pub id: u64,
+    pub slot: usize,
+}
+
+#[derive(Debug)]
+struct OnlineUser {
+    username: String,
+    /// In login order: the first is the oldest, closed first when the user has too many.
+    sessions: Vec<SessionRef>,
+}
+
+/// The online map.
+#[derive(Debug, Default)]
+pub struct Hub {
+    users: HashMap<UserId, OnlineUser>,
+    by_name: HashMap<String, UserId>,
+}
+
+impl Hub {
+    /// Adds a session of `user`. If that makes more than `max_sessions`, the oldest session is taken out and
+    /// returned, for the caller to tell and close ([HB-7.6]).
+    pub fn join(
+        &mut self,
+        user: UserId,
+        username: &str,
+        session: SessionRef,
+        max_sessions: usize,
+    ) -> Option<SessionRef> {
+        let online = self.users.entry(user).or_insert_with(|| OnlineUser {
+            username: username.to_owned(),
+            sessions: Vec::new(),
+        });
+        if online.sessions.is_empty() {
+            self.by_name.insert(username.to_owned(), user);
+        }
+        online.sessions.push(session);
+        if online.sessions.len() > max_sessions {
+            Some(online.sessions.remove(0))
+        } else {
+            None
+        }
+    }
+
+    /// Removes a session; the user goes offline with their last one. Unknown sessions are ignored, so calling
+    /// this twice is harmless.
+    pub fn leave(&mut self, user: UserId, session_id: u64) {
+        let Some(online) = self.users.get_mut(&user) else {
+            return;
+        };
+        online.sessions.retain(|s| s.id != session_id);
+        if online.sessions.is_empty() {
+            if let Some(gone) = self.users.remove(&user) {
+                self.by_name.remove(&gone.username);
+            }
+        }
+    }
+
+    /// The live sessions of a user, oldest first (empty when offline).
+    pub fn sessions_of(&self, user: UserId) -> &[SessionRef] {
+        self.users
+            .get(&user)
+            .map(|u| u.sessions.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The id of an online user, by canonical username.
+    pub fn online_user(&self, username: &str) -> Option<UserId> {
+        self.by_name.get(username).copied()
+    }
+
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.users.contains_key(&user)
+    }
+
+    /// Users with at least one live session.
+    pub fn users_online(&self) -> usize {
+        self.users.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(id: u64) -> SessionRef {
+        SessionRef {
+            id,
+            slot: id as usize,
+        }
+    }
+
+    #[test]
+    fn a_user_is_online_while_any_session_is() {
+        let mut hub = Hub::default();
+        hub.join(1, "alice", s(10), 8);
+        hub.join(1, "alice", s(11), 8);
+        assert_eq!(hub.sessions_of(1), &[s(10), s(11)]);
+        assert_eq!(hub.online_user("alice"), Some(1));
+        hub.leave(1, 10);
+        assert!(hub.is_online(1));
+        hub.leave(1, 11);
+        assert!(!hub.is_online(1));
+        assert_eq!(hub.online_user("alice"), None);
+        assert_eq!(hub.users_online(), 0);
+        hub.leave(1, 11);
+    }
+
+    // [HB-7.6] one login past the limit evicts the oldest session.
+    #[test]
+    fn hb_7_6_oldest_session_is_evicted_past_the_limit() {
+        let mut hub = Hub::default();
+        assert_eq!(hub.join(1, "a", s(1), 2), None);
+        assert_eq!(hub.join(1, "a", s(2), 2), None);
+        assert_eq!(hub.join(1, "a", s(3), 2), Some(s(1)));
+        assert_eq!(hub.sessions_of(1), &[s(2), s(3)]);
+    }
+}

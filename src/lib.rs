@@ -1,0 +1,29 @@
+//! hubbub: a small chat server built around one hand-rolled `mio` reactor.
+//!
+//! # Layout
+//!
+//! * [`framing`] — the 12-byte header and the two-step frame splitter (bytes → whole frames).
+//! * [`protocol`] — every packet as typed Rust, encode and decode, kind numbers and error codes (proto.md).
+//! * [`reactor`] — **the loop**: one thread, one `mio::Poll`, every session; read `reactor/mod.rs` top to
+//!   bottom. `reactor/requests.rs`, `reactor/messages.rs` and `reactor/completions.rs` say what requests and
+//!   worker answers mean.
+//! * [`session`] — one connection: its state machine, input tail, output buffer, socket I/O.
+//! * [`hub`] — who is online and on which sessions (routing).
+//! * [`store`] — the SQLite thread: schema, migrations, group commit; jobs in, completions out.
+//! * [`auth`] — name and password rules, the argon2id hashing pool, login throttling.
+//! * [`config`] — every setting and limit, with its flag and environment variable.
+//! * [`client`] — a small blocking client used by tests, examples and the load generator.
+#![deny(missing_debug_implementations, rust_2018_idioms, unused_imports)]
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod framing;
+pub mod hub;
+pub mod protocol;
+pub mod reactor;
+pub mod session;
+pub mod store;
+
+pub use config::Config;
+pub use reactor::{RunningServer, Server, ShutdownHandle, StartError};

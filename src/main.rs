@@ -1,0 +1,45 @@
+//! The `hubbub` server binary: parse the command line, start the server, stop it gracefully on SIGINT/SIGTERM.
+
+use hubbub::{Config, Server};
+use log::{error, info};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = Config::from_args();
+    let server = match Server::bind(config) {
+        Ok(server) => server,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("hubbub: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Signals are caught on a thread of their own, which only asks the loop to stop: the loop itself never
+    // waits on anything but its poll.
+    let handle = server.shutdown_handle();
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("hubbub: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("hubbub-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!("signal {signal}: shutting down gracefully");
+                handle.shutdown();
+            }
+        });
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("the event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

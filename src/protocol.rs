@@ -1,0 +1,870 @@
+//! Protocol v1: every packet as typed Rust, with encode and decode for both directions.
+//!
+//! Owns: kind numbers ([HB-3]), body layouts ([HB-4]), error codes ([HB-6]) and the value rules a body must meet to
+//! decode (string lengths, UTF-8). The server decodes `Request`s and encodes `Packet`s; the client library does
+//! the reverse with the same code, so the two can never disagree.
+//!
+//! Must not: do I/O, keep state, or decide what a request *means* (the reactor does). Decoding is total: every
+//! byte sequence gives a value or a `DecodeError`, never a panic.
+//!
+//! Conventions ([HB-1]): integers are big-endian; a string is a u16 byte length then that many bytes of UTF-8;
+//! a token is 16 raw bytes; a list is a u16 count then its items.
+
+use crate::framing::{patch_body_len, put_header, Header};
+use byteorder::{BigEndian, ByteOrder};
+
+/// Kind numbers. Client requests use 0x01–0x3F, server packets 0x80–0xBF: the high bit says who may send it.
+pub mod kind {
+    // --- client → server
+    pub const PING: u8 = 0x01;
+    pub const REGISTER: u8 = 0x02;
+    pub const LOGIN: u8 = 0x03;
+    pub const RESUME: u8 = 0x04;
+    pub const LOGOUT: u8 = 0x05;
+    pub const LIST_TOKENS: u8 = 0x06;
+    pub const REVOKE_TOKEN: u8 = 0x07;
+    pub const SEND: u8 = 0x10;
+    pub const RECEIVED: u8 = 0x11;
+    pub const READ: u8 = 0x12;
+    pub const HISTORY: u8 = 0x13;
+    /// Reserved: an explicit "feed me from id N" for clients that want to re-sync without logging in again.
+    pub const SYNC: u8 = 0x14;
+    /// Reserved for rooms (0x20–0x28), presence and typing (0x30–0x32) and stats (0x38).
+    pub const CREATE_ROOM: u8 = 0x20;
+    pub const JOIN_ROOM: u8 = 0x21;
+    pub const LEAVE_ROOM: u8 = 0x22;
+    pub const KICK: u8 = 0x23;
+    pub const CLOSE_ROOM: u8 = 0x24;
+    pub const LIST_ROOMS: u8 = 0x25;
+    pub const ROOM_MEMBERS: u8 = 0x26;
+    pub const SEND_ROOM: u8 = 0x27;
+    pub const ROOM_HISTORY: u8 = 0x28;
+    pub const WATCH: u8 = 0x30;
+    pub const UNWATCH: u8 = 0x31;
+    pub const TYPING: u8 = 0x32;
+    pub const STATS: u8 = 0x38;
+
+    // --- server → client
+    pub const HELLO: u8 = 0x80;
+    pub const PONG: u8 = 0x81;
+    pub const ERROR: u8 = 0x82;
+    pub const OK: u8 = 0x83;
+    pub const LOGIN_OK: u8 = 0x84;
+    pub const TOKENS: u8 = 0x85;
+    pub const ACK: u8 = 0x90;
+    pub const DELIVER: u8 = 0x91;
+    pub const DELIVERY_RECEIPT: u8 = 0x92;
+    pub const READ_RECEIPT: u8 = 0x93;
+    pub const HISTORY_PAGE: u8 = 0x94;
+    pub const CAUGHT_UP: u8 = 0x95;
+    /// Reserved for rooms (0xA0–0xA3), presence and typing (0xB0–0xB1) and stats (0xB8).
+    pub const ROOM_EVENT: u8 = 0xA0;
+    pub const ROOM_CLOSED: u8 = 0xA1;
+    pub const ROOM_LIST: u8 = 0xA2;
+    pub const ROOM_MEMBER_LIST: u8 = 0xA3;
+    pub const PRESENCE: u8 = 0xB0;
+    pub const TYPING_NOTICE: u8 = 0xB1;
+    pub const STATS_REPLY: u8 = 0xB8;
+    pub const SHUTDOWN: u8 = 0xBF;
+}
+
+/// Kinds a client may send to this version of the server. Reserved kinds are not in it yet: a client that
+/// sends one is told "unknown kind" ([HB-2.4]), exactly as for a number that was never assigned.
+pub fn is_request_kind(k: u8) -> bool {
+    use kind::*;
+    matches!(
+        k,
+        PING | REGISTER
+            | LOGIN
+            | RESUME
+            | LOGOUT
+            | LIST_TOKENS
+            | REVOKE_TOKEN
+            | SEND
+            | RECEIVED
+            | READ
+            | HISTORY
+    )
+}
+
+/// Kinds this version of the server sends.
+pub fn is_packet_kind(k: u8) -> bool {
+    use kind::*;
+    matches!(
+        k,
+        HELLO
+            | PONG
+            | ERROR
+            | OK
+            | LOGIN_OK
+            | TOKENS
+            | ACK
+            | DELIVER
+            | DELIVERY_RECEIPT
+            | READ_RECEIPT
+            | HISTORY_PAGE
+            | CAUGHT_UP
+            | SHUTDOWN
+    )
+}
+
+/// Error codes ([HB-6]). Codes below 100 are sent just before the server closes the connection; codes from 100
+/// up answer one request and the connection stays open.
+pub mod code {
+    pub const BAD_MAGIC: u16 = 1;
+    pub const BAD_VERSION: u16 = 2;
+    pub const UNKNOWN_KIND: u16 = 3;
+    pub const FRAME_TOO_LARGE: u16 = 4;
+    pub const SERVER_FULL: u16 = 5;
+    pub const TOO_MANY_FROM_ADDRESS: u16 = 6;
+    pub const IDLE_TIMEOUT: u16 = 7;
+    pub const AUTH_TIMEOUT: u16 = 8;
+    pub const SESSION_REPLACED: u16 = 9;
+    pub const TOKEN_REVOKED: u16 = 10;
+    pub const SLOW_CONSUMER: u16 = 11;
+
+    pub const MALFORMED: u16 = 100;
+    pub const NOT_AUTHENTICATED: u16 = 101;
+    pub const ALREADY_AUTHENTICATED: u16 = 102;
+    pub const USERNAME_TAKEN: u16 = 103;
+    pub const INVALID_USERNAME: u16 = 104;
+    pub const INVALID_PASSWORD: u16 = 105;
+    pub const BAD_CREDENTIALS: u16 = 106;
+    pub const BAD_TOKEN: u16 = 107;
+    pub const RATE_LIMITED: u16 = 108;
+    pub const SERVER_BUSY: u16 = 109;
+    pub const SERVER_ERROR: u16 = 110;
+    pub const NOT_FOUND: u16 = 111;
+    pub const UNKNOWN_RECIPIENT: u16 = 120;
+    pub const EMPTY_TEXT: u16 = 121;
+    pub const TEXT_TOO_LONG: u16 = 122;
+    pub const INVALID_DEVICE: u16 = 123;
+
+    /// True for the codes after which the server closes the connection.
+    pub fn closes_connection(code: u16) -> bool {
+        code < 100
+    }
+}
+
+/// Longest device name, in bytes ([HB-4.4]).
+pub const DEVICE_MAX: usize = 64;
+/// Most messages one History request may ask for ([HB-5.7]).
+pub const HISTORY_LIMIT_MAX: u16 = 100;
+
+/// A 16-byte session token (a UUID v4 made by the server).
+pub type Token = [u8; 16];
+
+/// A request from a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Ping,
+    Register {
+        username: String,
+        password: String,
+    },
+    Login {
+        username: String,
+        password: String,
+        device: String,
+        last_seen: u64,
+    },
+    Resume {
+        token: Token,
+        device: String,
+        last_seen: u64,
+    },
+    Logout,
+    ListTokens,
+    RevokeToken {
+        token_id: u64,
+    },
+    Send {
+        recipient: String,
+        client_msg_id: u64,
+        text: String,
+    },
+    Received {
+        up_to: u64,
+    },
+    Read {
+        peer: String,
+        up_to: u64,
+    },
+    History {
+        peer: String,
+        before_id: u64,
+        limit: u16,
+    },
+}
+
+/// One message as the server pushes or pages it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub id: u64,
+    pub sender: String,
+    pub recipient: String,
+    pub timestamp_ms: u64,
+    pub text: String,
+}
+
+/// One row of a token listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub token_id: u64,
+    pub device: String,
+    pub created_at_ms: u64,
+    pub last_used_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// True for the token the asking session logged in with.
+    pub current: bool,
+}
+
+/// A packet from the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Packet {
+    Hello {
+        connection_id: [u8; 16],
+        server_version: String,
+        max_frame: u32,
+        idle_timeout_ms: u32,
+        auth_timeout_ms: u32,
+    },
+    Pong,
+    Error {
+        code: u16,
+        text: String,
+    },
+    Ok,
+    LoginOk {
+        token: Token,
+        user_id: u64,
+        username: String,
+        max_message_id: u64,
+        delivered_cursor: u64,
+    },
+    Tokens(Vec<TokenEntry>),
+    Ack {
+        message_id: u64,
+        timestamp_ms: u64,
+    },
+    Deliver(Message),
+    DeliveryReceipt {
+        peer: String,
+        up_to: u64,
+    },
+    ReadReceipt {
+        peer: String,
+        up_to: u64,
+    },
+    HistoryPage {
+        messages: Vec<Message>,
+        more: bool,
+    },
+    CaughtUp {
+        cursor: u64,
+    },
+    Shutdown {
+        text: String,
+    },
+}
+
+/// Why a body did not decode. Never fatal for the connection: the frame boundary is known, so the server answers
+/// `MALFORMED` and reads on ([HB-4.1]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The body ended before a field did.
+    Truncated,
+    /// Bytes were left after the last field.
+    TrailingBytes,
+    /// A string was not valid UTF-8.
+    InvalidUtf8,
+    /// The kind is not one this side decodes.
+    WrongKind(u8),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Truncated => write!(f, "malformed body: it ends before its last field"),
+            DecodeError::TrailingBytes => {
+                write!(f, "malformed body: bytes left after the last field")
+            }
+            DecodeError::InvalidUtf8 => write!(f, "malformed body: a string is not valid UTF-8"),
+            DecodeError::WrongKind(k) => write!(f, "kind 0x{k:02x} cannot be decoded here"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Field readers and writers: the whole vocabulary of the wire format.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A cursor over a body. Every read checks the length first, so a short body is `Truncated`, never a panic.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.rest.len() < n {
+            return Err(DecodeError::Truncated);
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(BigEndian::read_u16(self.take(2)?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(BigEndian::read_u32(self.take(4)?))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(BigEndian::read_u64(self.take(8)?))
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        Ok(self.u8()? != 0)
+    }
+    fn token(&mut self) -> Result<Token, DecodeError> {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(self.take(16)?);
+        Ok(t)
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::InvalidUtf8)
+    }
+    fn finish<T>(self, value: T) -> Result<T, DecodeError> {
+        if self.rest.is_empty() {
+            Ok(value)
+        } else {
+            Err(DecodeError::TrailingBytes)
+        }
+    }
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+/// Strings longer than u16::MAX bytes cannot be sent; callers enforce smaller limits long before this, so the
+/// cut here (at a UTF-8 boundary) only guards against a bug turning into a malformed frame.
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    put_u16(out, end as u16);
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+fn put_message(out: &mut Vec<u8>, m: &Message) {
+    put_u64(out, m.id);
+    put_str(out, &m.sender);
+    put_str(out, &m.recipient);
+    put_u64(out, m.timestamp_ms);
+    put_str(out, &m.text);
+}
+fn read_message(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    Ok(Message {
+        id: r.u64()?,
+        sender: r.string()?,
+        recipient: r.string()?,
+        timestamp_ms: r.u64()?,
+        text: r.string()?,
+    })
+}
+
+/// Appends a Deliver frame from borrowed fields: the hot path of routing, with no copy of the text before it
+/// lands in the output buffer. Byte for byte the same as `Packet::Deliver(..).encode(0, out)`.
+pub fn encode_deliver(
+    out: &mut Vec<u8>,
+    id: u64,
+    sender: &str,
+    recipient: &str,
+    timestamp_ms: u64,
+    text: &str,
+) {
+    put_frame(out, kind::DELIVER, 0, |out| {
+        put_u64(out, id);
+        put_str(out, sender);
+        put_str(out, recipient);
+        put_u64(out, timestamp_ms);
+        put_str(out, text);
+    });
+}
+
+/// Appends one frame: header, then whatever `body` writes, then the real length patched into the header.
+fn put_frame(out: &mut Vec<u8>, kind: u8, request_id: u32, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    put_header(out, kind, request_id, 0);
+    body(out);
+    patch_body_len(out, start);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Requests (client → server)
+// ---------------------------------------------------------------------------------------------------------------
+
+impl Request {
+    /// The kind number this request travels under.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Request::Ping => kind::PING,
+            Request::Register { .. } => kind::REGISTER,
+            Request::Login { .. } => kind::LOGIN,
+            Request::Resume { .. } => kind::RESUME,
+            Request::Logout => kind::LOGOUT,
+            Request::ListTokens => kind::LIST_TOKENS,
+            Request::RevokeToken { .. } => kind::REVOKE_TOKEN,
+            Request::Send { .. } => kind::SEND,
+            Request::Received { .. } => kind::RECEIVED,
+            Request::Read { .. } => kind::READ,
+            Request::History { .. } => kind::HISTORY,
+        }
+    }
+
+    /// Appends this request as a whole frame.
+    pub fn encode(&self, request_id: u32, out: &mut Vec<u8>) {
+        put_frame(out, self.kind(), request_id, |out| match self {
+            Request::Ping | Request::Logout | Request::ListTokens => {}
+            Request::Register { username, password } => {
+                put_str(out, username);
+                put_str(out, password);
+            }
+            Request::Login {
+                username,
+                password,
+                device,
+                last_seen,
+            } => {
+                put_str(out, username);
+                put_str(out, password);
+                put_str(out, device);
+                put_u64(out, *last_seen);
+            }
+            Request::Resume {
+                token,
+                device,
+                last_seen,
+            } => {
+                out.extend_from_slice(token);
+                put_str(out, device);
+                put_u64(out, *last_seen);
+            }
+            Request::RevokeToken { token_id } => put_u64(out, *token_id),
+            Request::Send {
+                recipient,
+                client_msg_id,
+                text,
+            } => {
+                put_str(out, recipient);
+                put_u64(out, *client_msg_id);
+                put_str(out, text);
+            }
+            Request::Received { up_to } => put_u64(out, *up_to),
+            Request::Read { peer, up_to } => {
+                put_str(out, peer);
+                put_u64(out, *up_to);
+            }
+            Request::History {
+                peer,
+                before_id,
+                limit,
+            } => {
+                put_str(out, peer);
+                put_u64(out, *before_id);
+                put_u16(out, *limit);
+            }
+        });
+    }
+
+    /// Decodes the body of a frame whose header has already passed `framing`.
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Request, DecodeError> {
+        let mut r = Reader { rest: body };
+        let request = match kind {
+            kind::PING => Request::Ping,
+            kind::REGISTER => Request::Register {
+                username: r.string()?,
+                password: r.string()?,
+            },
+            kind::LOGIN => Request::Login {
+                username: r.string()?,
+                password: r.string()?,
+                device: r.string()?,
+                last_seen: r.u64()?,
+            },
+            kind::RESUME => Request::Resume {
+                token: r.token()?,
+                device: r.string()?,
+                last_seen: r.u64()?,
+            },
+            kind::LOGOUT => Request::Logout,
+            kind::LIST_TOKENS => Request::ListTokens,
+            kind::REVOKE_TOKEN => Request::RevokeToken { token_id: r.u64()? },
+            kind::SEND => Request::Send {
+                recipient: r.string()?,
+                client_msg_id: r.u64()?,
+                text: r.string()?,
+            },
+            kind::RECEIVED => Request::Received { up_to: r.u64()? },
+            kind::READ => Request::Read {
+                peer: r.string()?,
+                up_to: r.u64()?,
+            },
+            kind::HISTORY => Request::History {
+                peer: r.string()?,
+                before_id: r.u64()?,
+                limit: r.u16()?,
+            },
+            other => return Err(DecodeError::WrongKind(other)),
+        };
+        r.finish(request)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Packets (server → client)
+// ---------------------------------------------------------------------------------------------------------------
+
+impl Packet {
+    /// The kind number this packet travels under.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Packet::Hello { .. } => kind::HELLO,
+            Packet::Pong => kind::PONG,
+            Packet::Error { .. } => kind::ERROR,
+            Packet::Ok => kind::OK,
+            Packet::LoginOk { .. } => kind::LOGIN_OK,
+            Packet::Tokens(_) => kind::TOKENS,
+            Packet::Ack { .. } => kind::ACK,
+            Packet::Deliver(_) => kind::DELIVER,
+            Packet::DeliveryReceipt { .. } => kind::DELIVERY_RECEIPT,
+            Packet::ReadReceipt { .. } => kind::READ_RECEIPT,
+            Packet::HistoryPage { .. } => kind::HISTORY_PAGE,
+            Packet::CaughtUp { .. } => kind::CAUGHT_UP,
+            Packet::Shutdown { .. } => kind::SHUTDOWN,
+        }
+    }
+
+    /// Appends this packet as a whole frame — straight into a session's output buffer, with no temporary.
+    pub fn encode(&self, request_id: u32, out: &mut Vec<u8>) {
+        put_frame(out, self.kind(), request_id, |out| match self {
+            Packet::Hello {
+                connection_id,
+                server_version,
+                max_frame,
+                idle_timeout_ms,
+                auth_timeout_ms,
+            } => {
+                out.extend_from_slice(connection_id);
+                put_str(out, server_version);
+                put_u32(out, *max_frame);
+                put_u32(out, *idle_timeout_ms);
+                put_u32(out, *auth_timeout_ms);
+            }
+            Packet::Pong | Packet::Ok => {}
+            Packet::Error { code, text } => {
+                put_u16(out, *code);
+                put_str(out, text);
+            }
+            Packet::LoginOk {
+                token,
+                user_id,
+                username,
+                max_message_id,
+                delivered_cursor,
+            } => {
+                out.extend_from_slice(token);
+                put_u64(out, *user_id);
+                put_str(out, username);
+                put_u64(out, *max_message_id);
+                put_u64(out, *delivered_cursor);
+            }
+            Packet::Tokens(entries) => {
+                put_u16(out, entries.len().min(u16::MAX as usize) as u16);
+                for e in entries.iter().take(u16::MAX as usize) {
+                    put_u64(out, e.token_id);
+                    put_str(out, &e.device);
+                    put_u64(out, e.created_at_ms);
+                    put_u64(out, e.last_used_at_ms);
+                    put_u64(out, e.expires_at_ms);
+                    out.push(e.current as u8);
+                }
+            }
+            Packet::Ack {
+                message_id,
+                timestamp_ms,
+            } => {
+                put_u64(out, *message_id);
+                put_u64(out, *timestamp_ms);
+            }
+            Packet::Deliver(m) => put_message(out, m),
+            Packet::DeliveryReceipt { peer, up_to } | Packet::ReadReceipt { peer, up_to } => {
+                put_str(out, peer);
+                put_u64(out, *up_to);
+            }
+            Packet::HistoryPage { messages, more } => {
+                put_u16(out, messages.len().min(u16::MAX as usize) as u16);
+                for m in messages.iter().take(u16::MAX as usize) {
+                    put_message(out, m);
+                }
+                out.push(*more as u8);
+            }
+            Packet::CaughtUp { cursor } => put_u64(out, *cursor),
+            Packet::Shutdown { text } => put_str(out, text),
+        });
+    }
+
+    /// Decodes a server packet (the client library's side).
+    pub fn decode(header: &Header, body: &[u8]) -> Result<Packet, DecodeError> {
+        let mut r = Reader { rest: body };
+        let packet = match header.kind {
+            kind::HELLO => Packet::Hello {
+                connection_id: r.token()?,
+                server_version: r.string()?,
+                max_frame: r.u32()?,
+                idle_timeout_ms: r.u32()?,
+                auth_timeout_ms: r.u32()?,
+            },
+            kind::PONG => Packet::Pong,
+            kind::ERROR => Packet::Error {
+                code: r.u16()?,
+                text: r.string()?,
+            },
+            kind::OK => Packet::Ok,
+            kind::LOGIN_OK => Packet::LoginOk {
+                token: r.token()?,
+                user_id: r.u64()?,
+                username: r.string()?,
+                max_message_id: r.u64()?,
+                delivered_cursor: r.u64()?,
+            },
+            kind::TOKENS => {
+                let count = r.u16()?;
+                let mut entries = Vec::with_capacity(count.min(256) as usize);
+                for _ in 0..count {
+                    entries.push(TokenEntry {
+                        token_id: r.u64()?,
+                        device: r.string()?,
+                        created_at_ms: r.u64()?,
+                        last_used_at_ms: r.u64()?,
+                        expires_at_ms: r.u64()?,
+                        current: r.bool()?,
+                    });
+                }
+                Packet::Tokens(entries)
+            }
+            kind::ACK => Packet::Ack {
+                message_id: r.u64()?,
+                timestamp_ms: r.u64()?,
+            },
+            kind::DELIVER => Packet::Deliver(read_message(&mut r)?),
+            kind::DELIVERY_RECEIPT => Packet::DeliveryReceipt {
+                peer: r.string()?,
+                up_to: r.u64()?,
+            },
+            kind::READ_RECEIPT => Packet::ReadReceipt {
+                peer: r.string()?,
+                up_to: r.u64()?,
+            },
+            kind::HISTORY_PAGE => {
+                let count = r.u16()?;
+                let mut messages = Vec::with_capacity(count.min(256) as usize);
+                for _ in 0..count {
+                    messages.push(read_message(&mut r)?);
+                }
+                Packet::HistoryPage {
+                    messages,
+                    more: r.bool()?,
+                }
+            }
+            kind::CAUGHT_UP => Packet::CaughtUp { cursor: r.u64()? },
+            kind::SHUTDOWN => Packet::Shutdown { text: r.string()? },
+            other => return Err(DecodeError::WrongKind(other)),
+        };
+        r.finish(packet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::framing::{split_frame, Frame};
+
+    fn roundtrip_request(req: Request) {
+        let mut out = Vec::new();
+        req.encode(42, &mut out);
+        let Frame {
+            header: h,
+            body,
+            len: used,
+        } = split_frame(&out, 1 << 20, is_request_kind)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, out.len());
+        assert_eq!(h.request_id, 42);
+        assert_eq!(Request::decode(h.kind, body).unwrap(), req);
+    }
+
+    fn roundtrip_packet(p: Packet) {
+        let mut out = Vec::new();
+        p.encode(7, &mut out);
+        let frame = split_frame(&out, 1 << 20, is_packet_kind).unwrap().unwrap();
+        assert_eq!(Packet::decode(&frame.header, frame.body).unwrap(), p);
+    }
+
+    #[test]
+    fn every_request_roundtrips() {
+        for req in [
+            Request::Ping,
+            Request::Register {
+                username: "alice".into(),
+                password: "hunter22".into(),
+            },
+            Request::Login {
+                username: "a".into(),
+                password: "p".into(),
+                device: "phone".into(),
+                last_seen: 9,
+            },
+            Request::Resume {
+                token: [3; 16],
+                device: "laptop".into(),
+                last_seen: u64::MAX,
+            },
+            Request::Logout,
+            Request::ListTokens,
+            Request::RevokeToken { token_id: 5 },
+            Request::Send {
+                recipient: "bob".into(),
+                client_msg_id: 1,
+                text: "héllo 👋".into(),
+            },
+            Request::Received { up_to: 77 },
+            Request::Read {
+                peer: "bob".into(),
+                up_to: 78,
+            },
+            Request::History {
+                peer: "bob".into(),
+                before_id: 0,
+                limit: 100,
+            },
+        ] {
+            roundtrip_request(req);
+        }
+    }
+
+    #[test]
+    fn every_packet_roundtrips() {
+        let m = Message {
+            id: 1,
+            sender: "a".into(),
+            recipient: "b".into(),
+            timestamp_ms: 2,
+            text: "t".into(),
+        };
+        for p in [
+            Packet::Hello {
+                connection_id: [1; 16],
+                server_version: "0.1.0".into(),
+                max_frame: 65536,
+                idle_timeout_ms: 60_000,
+                auth_timeout_ms: 10_000,
+            },
+            Packet::Pong,
+            Packet::Error {
+                code: code::SERVER_BUSY,
+                text: "busy".into(),
+            },
+            Packet::Ok,
+            Packet::LoginOk {
+                token: [9; 16],
+                user_id: 3,
+                username: "a".into(),
+                max_message_id: 4,
+                delivered_cursor: 2,
+            },
+            Packet::Tokens(vec![TokenEntry {
+                token_id: 1,
+                device: "d".into(),
+                created_at_ms: 1,
+                last_used_at_ms: 2,
+                expires_at_ms: 3,
+                current: true,
+            }]),
+            Packet::Ack {
+                message_id: 5,
+                timestamp_ms: 6,
+            },
+            Packet::Deliver(m.clone()),
+            Packet::DeliveryReceipt {
+                peer: "b".into(),
+                up_to: 1,
+            },
+            Packet::ReadReceipt {
+                peer: "b".into(),
+                up_to: 1,
+            },
+            Packet::HistoryPage {
+                messages: vec![m.clone(), m],
+                more: true,
+            },
+            Packet::CaughtUp { cursor: 8 },
+            Packet::Shutdown { text: "bye".into() },
+        ] {
+            roundtrip_packet(p);
+        }
+    }
+
+    // [HB-1.2] invalid UTF-8 in a string is a decode error.
+    #[test]
+    fn hb_1_2_invalid_utf8_is_refused() {
+        let body = [0x00, 0x02, 0xff, 0xfe, 0x00, 0x00];
+        assert_eq!(
+            Request::decode(kind::REGISTER, &body),
+            Err(DecodeError::InvalidUtf8)
+        );
+    }
+
+    // [HB-4.1] a short body, or bytes left over, is a decode error, not a panic.
+    #[test]
+    fn hb_4_1_truncated_and_trailing_bodies() {
+        assert_eq!(
+            Request::decode(kind::RECEIVED, &[0, 0, 0]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            Request::decode(kind::PING, &[1]),
+            Err(DecodeError::TrailingBytes)
+        );
+        assert_eq!(
+            Request::decode(kind::SEND, &[0x00, 0x09, b'a']),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    #[test]
+    fn kinds_are_partitioned_by_the_high_bit() {
+        for k in 0..=255u8 {
+            assert!(!(is_request_kind(k) && is_packet_kind(k)));
+            if is_request_kind(k) {
+                assert!(k < 0x80);
+            }
+            if is_packet_kind(k) {
+                assert!(k >= 0x80);
+            }
+        }
+    }
+}
