@@ -151,6 +151,8 @@ pub struct Session {
     pub stalled_since: Option<Instant>,
     /// When the last whole frame arrived (idle timeout).
     pub last_frame_at: Instant,
+    /// The instant of this session's one live entry in the loop's timer heap.
+    pub timer_due: Option<Instant>,
     /// When the connection was accepted or logged out (auth timeout).
     pub auth_started_at: Instant,
     /// Token bucket for sends: tokens left and when they were last topped up.
@@ -181,6 +183,7 @@ impl Session {
             parked: false,
             stalled_since: None,
             last_frame_at: now,
+            timer_due: None,
             auth_started_at: now,
             send_tokens: send_burst as f64,
             send_tokens_at: now,

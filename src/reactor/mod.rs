@@ -430,22 +430,26 @@ impl Reactor {
         }
     }
 
-    /// Phase 4: close the sessions whose idle or login deadline has passed.
+    /// Phase 4: close the sessions whose idle, login or slow-consumer deadline has passed.
+    ///
+    /// Each session has exactly one live heap entry, the one whose instant equals its `timer_due`; any other
+    /// entry for it is stale and dropped when popped. Activity only moves `last_frame_at`: when the entry comes
+    /// due, the deadline is recomputed and, if it moved, the entry is pushed again for the new instant.
     fn fire_timers(&mut self) {
         while let Some(&Reverse((at, id, slot))) = self.timers.peek() {
             if at > self.now {
                 break;
             }
             self.timers.pop();
-            let Some(session) = self
-                .sessions
-                .get(slot)
-                .filter(|s| s.id == id && !s.is_closing())
-            else {
+            let Some(session) = self.sessions.get(slot) else {
                 continue;
             };
+            if session.id != id || session.is_closing() || session.timer_due != Some(at) {
+                continue;
+            }
             let (due, reason) = self.deadline_of(session);
             if due > self.now {
+                self.sessions[slot].timer_due = Some(due);
                 self.timers.push(Reverse((due, id, slot)));
                 continue;
             }
@@ -489,10 +493,15 @@ impl Reactor {
         due
     }
 
+    /// Makes sure the session's heap entry comes due no later than its current deadline. Only a deadline that
+    /// moved *earlier* (a fresh login clock) needs a new entry; later deadlines are found when the entry pops.
     fn arm_timer(&mut self, slot: usize) {
-        let session = &self.sessions[slot];
-        let (due, _) = self.deadline_of(session);
-        self.timers.push(Reverse((due, session.id, slot)));
+        let (due, _) = self.deadline_of(&self.sessions[slot]);
+        let session = &mut self.sessions[slot];
+        if session.timer_due.is_none_or(|at| due < at) {
+            session.timer_due = Some(due);
+            self.timers.push(Reverse((due, session.id, slot)));
+        }
     }
 
     /// Phase 6: free the sessions closed this turn. Their tokens are deregistered before the slot can be reused,
@@ -888,9 +897,6 @@ impl Reactor {
                     }
                     if status == IoStatus::BudgetSpent {
                         self.queue_flush_next_turn(slot);
-                    }
-                    if self.sessions[slot].stalled_since.is_some() {
-                        self.arm_timer(slot);
                     }
                     self.request_page_if_drained(slot);
                 }
