@@ -69,6 +69,14 @@ pub struct Config {
     pub send_burst: u32,
     /// How long a graceful shutdown may take before the server exits anyway.
     pub shutdown_grace: Duration,
+    /// Most members in one room.
+    pub max_room_members: u32,
+    /// Most rooms one user may be a member of.
+    pub max_rooms_per_user: u32,
+    /// Most users one session may watch for presence.
+    pub max_watch: usize,
+    /// Typing notices are forwarded at most once per target per this interval.
+    pub typing_interval: Duration,
 }
 
 impl Default for Config {
@@ -101,6 +109,10 @@ impl Default for Config {
             send_rate: 50,
             send_burst: 200,
             shutdown_grace: Duration::from_secs(4),
+            max_room_members: 1000,
+            max_rooms_per_user: 100,
+            max_watch: 1000,
+            typing_interval: Duration::from_secs(2),
         }
     }
 }
@@ -279,6 +291,18 @@ struct Cli {
     /// How long a graceful shutdown may take.
     #[arg(long, env = "HUBBUB_SHUTDOWN_GRACE", default_value = "4s", value_parser = positive_duration)]
     shutdown_grace: Duration,
+    /// Most members in one room.
+    #[arg(long, env = "HUBBUB_MAX_ROOM_MEMBERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+    max_room_members: u32,
+    /// Most rooms one user may be a member of.
+    #[arg(long, env = "HUBBUB_MAX_ROOMS_PER_USER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_rooms_per_user: u32,
+    /// Most users one session may watch for presence.
+    #[arg(long, env = "HUBBUB_MAX_WATCH", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_watch: u64,
+    /// Typing notices are forwarded at most once per target per this interval.
+    #[arg(long, env = "HUBBUB_TYPING_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    typing_interval: Duration,
 }
 
 impl Cli {
@@ -315,6 +339,10 @@ impl Cli {
             send_rate: self.send_rate,
             send_burst: self.send_burst,
             shutdown_grace: self.shutdown_grace,
+            max_room_members: self.max_room_members,
+            max_rooms_per_user: self.max_rooms_per_user,
+            max_watch: self.max_watch as usize,
+            typing_interval: self.typing_interval,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Hub: who is online, and on which sessions. The loop's map of user → live sessions, used to route messages.
 //!
-//! Owns: the online map only. A user is online while at least one of their sessions is in it ([HB-7.5]).
+//! Owns: the online map, the members of every open room, and who watches whom for presence. A user is online
+//! while at least one of their sessions is in the online map ([HB-7.5]). Room membership is kept here, in
+//! memory, so fanning a room message out costs no database read per member; the store is the record of it
+//! and the loop changes this copy only from store completions, in the store's order.
 //! Users are keyed by the integer id resolved at login, so routing never hashes a name per frame; a second map
 //! from username finds online users by name.
 //!
@@ -8,7 +11,7 @@
 //! caller against the slab), do I/O, or outlive a session: the reactor calls `leave` in its one disconnect path.
 
 use crate::store::UserId;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// A handle to a live session: its slab slot, and its never-reused id to tell a reused slot apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,11 +27,23 @@ struct OnlineUser {
     sessions: Vec<SessionRef>,
 }
 
-/// The online map.
+/// An open room as routing needs it.
+#[derive(Debug)]
+pub struct Room {
+    pub name: String,
+    pub members: HashSet<UserId>,
+}
+
+/// The online map, rooms and presence subscriptions.
 #[derive(Debug, Default)]
 pub struct Hub {
     users: HashMap<UserId, OnlineUser>,
     by_name: HashMap<String, UserId>,
+    rooms: HashMap<u64, Room>,
+    room_ids: HashMap<String, u64>,
+    /// For each watched user, the sessions watching them ([HB-11]): a status change costs work in proportion to
+    /// its watchers, never to the number of users online.
+    watchers: HashMap<UserId, Vec<SessionRef>>,
 }
 
 impl Hub {
@@ -56,18 +71,105 @@ impl Hub {
         }
     }
 
-    /// Removes a session; the user goes offline with their last one. Unknown sessions are ignored, so calling
-    /// this twice is harmless.
-    pub fn leave(&mut self, user: UserId, session_id: u64) {
+    /// Removes a session; the user goes offline with their last one, and then `true` is returned. Unknown
+    /// sessions are ignored, so calling this twice is harmless.
+    pub fn leave(&mut self, user: UserId, session_id: u64) -> bool {
         let Some(online) = self.users.get_mut(&user) else {
-            return;
+            return false;
         };
+        let before = online.sessions.len();
         online.sessions.retain(|s| s.id != session_id);
-        if online.sessions.is_empty() {
+        if online.sessions.is_empty() && before > 0 {
             if let Some(gone) = self.users.remove(&user) {
                 self.by_name.remove(&gone.username);
             }
+            return true;
         }
+        false
+    }
+
+    // --- rooms ---
+
+    /// Records an open room and its members (at startup, and when a room is created).
+    pub fn add_room(
+        &mut self,
+        room_id: u64,
+        name: &str,
+        members: impl IntoIterator<Item = UserId>,
+    ) {
+        self.room_ids.insert(name.to_owned(), room_id);
+        self.rooms.insert(
+            room_id,
+            Room {
+                name: name.to_owned(),
+                members: members.into_iter().collect(),
+            },
+        );
+    }
+
+    /// Forgets a closed room.
+    pub fn remove_room(&mut self, room_id: u64) {
+        if let Some(room) = self.rooms.remove(&room_id) {
+            self.room_ids.remove(&room.name);
+        }
+    }
+
+    pub fn add_member(&mut self, room_id: u64, user: UserId) {
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.members.insert(user);
+        }
+    }
+
+    pub fn remove_member(&mut self, room_id: u64, user: UserId) {
+        if let Some(room) = self.rooms.get_mut(&room_id) {
+            room.members.remove(&user);
+        }
+    }
+
+    pub fn room(&self, room_id: u64) -> Option<&Room> {
+        self.rooms.get(&room_id)
+    }
+
+    pub fn room_id(&self, name: &str) -> Option<u64> {
+        self.room_ids.get(name).copied()
+    }
+
+    /// Appends the slots of the live sessions of every member of a room, except one (the sender's own).
+    pub fn room_sessions(&self, room_id: u64, except: Option<usize>, into: &mut Vec<usize>) {
+        let Some(room) = self.rooms.get(&room_id) else {
+            return;
+        };
+        for member in &room.members {
+            let slots = self.sessions_of(*member).iter().map(|s| s.slot);
+            into.extend(slots.filter(|slot| Some(*slot) != except));
+        }
+    }
+
+    // --- presence ---
+
+    /// Subscribes a session to a user's presence. Watching twice is one subscription.
+    pub fn watch(&mut self, watched: UserId, watcher: SessionRef) {
+        let list = self.watchers.entry(watched).or_default();
+        if !list.contains(&watcher) {
+            list.push(watcher);
+        }
+    }
+
+    pub fn unwatch(&mut self, watched: UserId, watcher_id: u64) {
+        if let Some(list) = self.watchers.get_mut(&watched) {
+            list.retain(|w| w.id != watcher_id);
+            if list.is_empty() {
+                self.watchers.remove(&watched);
+            }
+        }
+    }
+
+    /// The sessions watching a user.
+    pub fn watchers_of(&self, user: UserId) -> &[SessionRef] {
+        self.watchers
+            .get(&user)
+            .map(|w| w.as_slice())
+            .unwrap_or(&[])
     }
 
     /// The live sessions of a user, oldest first (empty when offline).

@@ -62,8 +62,11 @@ pub mod kind {
     pub const ROOM_CLOSED: u8 = 0xA1;
     pub const ROOM_LIST: u8 = 0xA2;
     pub const ROOM_MEMBER_LIST: u8 = 0xA3;
+    pub const ROOM_INFO: u8 = 0xA4;
+    pub const ROOM_DELIVER: u8 = 0xA5;
     pub const PRESENCE: u8 = 0xB0;
     pub const TYPING_NOTICE: u8 = 0xB1;
+    pub const PRESENCE_LIST: u8 = 0xB2;
     pub const STATS_REPLY: u8 = 0xB8;
     pub const SHUTDOWN: u8 = 0xBF;
 }
@@ -139,6 +142,15 @@ pub mod code {
     pub const EMPTY_TEXT: u16 = 121;
     pub const TEXT_TOO_LONG: u16 = 122;
     pub const INVALID_DEVICE: u16 = 123;
+    pub const NO_SUCH_ROOM: u16 = 130;
+    pub const ROOM_NAME_TAKEN: u16 = 131;
+    pub const NOT_MEMBER: u16 = 132;
+    pub const NOT_HOST: u16 = 133;
+    pub const ROOM_CLOSED: u16 = 134;
+    pub const ROOM_FULL: u16 = 135;
+    pub const TOO_MANY_ROOMS: u16 = 136;
+    pub const INVALID_ROOM_NAME: u16 = 137;
+    pub const TOO_MANY_WATCHES: u16 = 138;
 
     /// True for the codes after which the server closes the connection.
     pub fn closes_connection(code: u16) -> bool {
@@ -195,6 +207,103 @@ pub enum Request {
         before_id: u64,
         limit: u16,
     },
+    CreateRoom {
+        name: String,
+        topic: String,
+    },
+    JoinRoom {
+        name: String,
+    },
+    LeaveRoom {
+        name: String,
+    },
+    Kick {
+        room: String,
+        user: String,
+    },
+    CloseRoom {
+        name: String,
+    },
+    /// Rooms by name, after `after` ("" = from the start), at most `limit`.
+    ListRooms {
+        after: String,
+        limit: u16,
+    },
+    RoomMembers {
+        name: String,
+    },
+    SendRoom {
+        room: String,
+        client_msg_id: u64,
+        text: String,
+    },
+    RoomHistory {
+        room: String,
+        before_id: u64,
+        limit: u16,
+    },
+    Watch {
+        users: Vec<String>,
+    },
+    Unwatch {
+        users: Vec<String>,
+    },
+    /// "I am typing" to a user (`room` false) or a room (`room` true). It has no reply.
+    Typing {
+        room: bool,
+        to: String,
+    },
+}
+
+/// A room as listed or answered to Create/Join ([HB-10]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomInfo {
+    pub room_id: u64,
+    pub name: String,
+    pub topic: String,
+    pub host: String,
+    pub member_count: u32,
+    pub closed: bool,
+}
+
+/// A message posted to a room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomMessage {
+    pub id: u64,
+    pub room: String,
+    pub sender: String,
+    pub timestamp_ms: u64,
+    pub text: String,
+}
+
+/// One member in a RoomMemberList.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub username: String,
+    pub online: bool,
+}
+
+/// What happened in a room, in a RoomEvent push.
+pub mod room_event {
+    pub const JOINED: u8 = 1;
+    pub const LEFT: u8 = 2;
+    pub const KICKED: u8 = 3;
+}
+
+/// A user's presence ([HB-11]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceEntry {
+    pub username: String,
+    /// `presence::UNKNOWN`, `OFFLINE` or `ONLINE`.
+    pub state: u8,
+    /// When the user's last session ended (0 if never seen, or online now).
+    pub last_seen_ms: u64,
+}
+
+pub mod presence {
+    pub const UNKNOWN: u8 = 0;
+    pub const OFFLINE: u8 = 1;
+    pub const ONLINE: u8 = 2;
 }
 
 /// One message as the server pushes or pages it.
@@ -262,6 +371,31 @@ pub enum Packet {
     },
     CaughtUp {
         cursor: u64,
+    },
+    RoomInfo(RoomInfo),
+    RoomList {
+        rooms: Vec<RoomInfo>,
+        more: bool,
+    },
+    RoomMemberList {
+        room: String,
+        members: Vec<Member>,
+    },
+    RoomEvent {
+        room: String,
+        event: u8,
+        user: String,
+    },
+    RoomClosed {
+        room: String,
+    },
+    RoomDeliver(RoomMessage),
+    Presence(PresenceEntry),
+    PresenceList(Vec<PresenceEntry>),
+    TypingNotice {
+        from: String,
+        /// The room typed in, or "" for a direct conversation.
+        room: String,
     },
     Shutdown {
         text: String,
@@ -340,6 +474,19 @@ impl<'a> Reader<'a> {
             .map(str::to_owned)
             .map_err(|_| DecodeError::InvalidUtf8)
     }
+    /// A u16 count, then that many items. The capacity is capped so a hostile count cannot make us allocate
+    /// more than the body could hold.
+    fn list<T>(
+        &mut self,
+        mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, DecodeError> {
+        let count = self.u16()? as usize;
+        let mut items = Vec::with_capacity(count.min(self.rest.len()));
+        for _ in 0..count {
+            items.push(item(self)?);
+        }
+        Ok(items)
+    }
     fn finish<T>(self, value: T) -> Result<T, DecodeError> {
         if self.rest.is_empty() {
             Ok(value)
@@ -367,6 +514,44 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     }
     put_u16(out, end as u16);
     out.extend_from_slice(&s.as_bytes()[..end]);
+}
+/// A u16 count, then the items (at most u16::MAX of them; callers keep lists far shorter).
+fn put_list<T>(out: &mut Vec<u8>, items: &[T], mut put: impl FnMut(&mut Vec<u8>, &T)) {
+    let count = items.len().min(u16::MAX as usize);
+    put_u16(out, count as u16);
+    for item in &items[..count] {
+        put(out, item);
+    }
+}
+fn put_room_info(out: &mut Vec<u8>, r: &RoomInfo) {
+    put_u64(out, r.room_id);
+    put_str(out, &r.name);
+    put_str(out, &r.topic);
+    put_str(out, &r.host);
+    put_u32(out, r.member_count);
+    out.push(r.closed as u8);
+}
+fn read_room_info(r: &mut Reader<'_>) -> Result<RoomInfo, DecodeError> {
+    Ok(RoomInfo {
+        room_id: r.u64()?,
+        name: r.string()?,
+        topic: r.string()?,
+        host: r.string()?,
+        member_count: r.u32()?,
+        closed: r.bool()?,
+    })
+}
+fn put_presence(out: &mut Vec<u8>, p: &PresenceEntry) {
+    put_str(out, &p.username);
+    out.push(p.state);
+    put_u64(out, p.last_seen_ms);
+}
+fn read_presence(r: &mut Reader<'_>) -> Result<PresenceEntry, DecodeError> {
+    Ok(PresenceEntry {
+        username: r.string()?,
+        state: r.u8()?,
+        last_seen_ms: r.u64()?,
+    })
 }
 fn put_message(out: &mut Vec<u8>, m: &Message) {
     put_u64(out, m.id);
@@ -404,6 +589,24 @@ pub fn encode_deliver(
     });
 }
 
+/// Appends a RoomDeliver frame from borrowed fields (room fan-out encodes once, then copies the bytes).
+pub fn encode_room_deliver(
+    out: &mut Vec<u8>,
+    id: u64,
+    room: &str,
+    sender: &str,
+    timestamp_ms: u64,
+    text: &str,
+) {
+    put_frame(out, kind::ROOM_DELIVER, 0, |out| {
+        put_u64(out, id);
+        put_str(out, room);
+        put_str(out, sender);
+        put_u64(out, timestamp_ms);
+        put_str(out, text);
+    });
+}
+
 /// Appends one frame: header, then whatever `body` writes, then the real length patched into the header.
 fn put_frame(out: &mut Vec<u8>, kind: u8, request_id: u32, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
@@ -431,6 +634,18 @@ impl Request {
             Request::Received { .. } => kind::RECEIVED,
             Request::Read { .. } => kind::READ,
             Request::History { .. } => kind::HISTORY,
+            Request::CreateRoom { .. } => kind::CREATE_ROOM,
+            Request::JoinRoom { .. } => kind::JOIN_ROOM,
+            Request::LeaveRoom { .. } => kind::LEAVE_ROOM,
+            Request::Kick { .. } => kind::KICK,
+            Request::CloseRoom { .. } => kind::CLOSE_ROOM,
+            Request::ListRooms { .. } => kind::LIST_ROOMS,
+            Request::RoomMembers { .. } => kind::ROOM_MEMBERS,
+            Request::SendRoom { .. } => kind::SEND_ROOM,
+            Request::RoomHistory { .. } => kind::ROOM_HISTORY,
+            Request::Watch { .. } => kind::WATCH,
+            Request::Unwatch { .. } => kind::UNWATCH,
+            Request::Typing { .. } => kind::TYPING,
         }
     }
 
@@ -486,6 +701,47 @@ impl Request {
                 put_u64(out, *before_id);
                 put_u16(out, *limit);
             }
+            Request::CreateRoom { name, topic } => {
+                put_str(out, name);
+                put_str(out, topic);
+            }
+            Request::JoinRoom { name }
+            | Request::LeaveRoom { name }
+            | Request::CloseRoom { name } => put_str(out, name),
+            Request::RoomMembers { name } => put_str(out, name),
+            Request::Kick { room, user } => {
+                put_str(out, room);
+                put_str(out, user);
+            }
+            Request::ListRooms { after, limit } => {
+                put_str(out, after);
+                put_u16(out, *limit);
+            }
+            Request::SendRoom {
+                room,
+                client_msg_id,
+                text,
+            } => {
+                put_str(out, room);
+                put_u64(out, *client_msg_id);
+                put_str(out, text);
+            }
+            Request::RoomHistory {
+                room,
+                before_id,
+                limit,
+            } => {
+                put_str(out, room);
+                put_u64(out, *before_id);
+                put_u16(out, *limit);
+            }
+            Request::Watch { users } | Request::Unwatch { users } => {
+                put_list(out, users, |out, u| put_str(out, u))
+            }
+            Request::Typing { room, to } => {
+                out.push(*room as u8);
+                put_str(out, to);
+            }
         });
     }
 
@@ -527,6 +783,42 @@ impl Request {
                 before_id: r.u64()?,
                 limit: r.u16()?,
             },
+            kind::CREATE_ROOM => Request::CreateRoom {
+                name: r.string()?,
+                topic: r.string()?,
+            },
+            kind::JOIN_ROOM => Request::JoinRoom { name: r.string()? },
+            kind::LEAVE_ROOM => Request::LeaveRoom { name: r.string()? },
+            kind::KICK => Request::Kick {
+                room: r.string()?,
+                user: r.string()?,
+            },
+            kind::CLOSE_ROOM => Request::CloseRoom { name: r.string()? },
+            kind::LIST_ROOMS => Request::ListRooms {
+                after: r.string()?,
+                limit: r.u16()?,
+            },
+            kind::ROOM_MEMBERS => Request::RoomMembers { name: r.string()? },
+            kind::SEND_ROOM => Request::SendRoom {
+                room: r.string()?,
+                client_msg_id: r.u64()?,
+                text: r.string()?,
+            },
+            kind::ROOM_HISTORY => Request::RoomHistory {
+                room: r.string()?,
+                before_id: r.u64()?,
+                limit: r.u16()?,
+            },
+            kind::WATCH => Request::Watch {
+                users: r.list(Reader::string)?,
+            },
+            kind::UNWATCH => Request::Unwatch {
+                users: r.list(Reader::string)?,
+            },
+            kind::TYPING => Request::Typing {
+                room: r.bool()?,
+                to: r.string()?,
+            },
             other => return Err(DecodeError::WrongKind(other)),
         };
         r.finish(request)
@@ -553,6 +845,15 @@ impl Packet {
             Packet::ReadReceipt { .. } => kind::READ_RECEIPT,
             Packet::HistoryPage { .. } => kind::HISTORY_PAGE,
             Packet::CaughtUp { .. } => kind::CAUGHT_UP,
+            Packet::RoomInfo(_) => kind::ROOM_INFO,
+            Packet::RoomList { .. } => kind::ROOM_LIST,
+            Packet::RoomMemberList { .. } => kind::ROOM_MEMBER_LIST,
+            Packet::RoomEvent { .. } => kind::ROOM_EVENT,
+            Packet::RoomClosed { .. } => kind::ROOM_CLOSED,
+            Packet::RoomDeliver(_) => kind::ROOM_DELIVER,
+            Packet::Presence(_) => kind::PRESENCE,
+            Packet::PresenceList(_) => kind::PRESENCE_LIST,
+            Packet::TypingNotice { .. } => kind::TYPING_NOTICE,
             Packet::Shutdown { .. } => kind::SHUTDOWN,
         }
     }
@@ -622,6 +923,37 @@ impl Packet {
                 out.push(*more as u8);
             }
             Packet::CaughtUp { cursor } => put_u64(out, *cursor),
+            Packet::RoomInfo(info) => put_room_info(out, info),
+            Packet::RoomList { rooms, more } => {
+                put_list(out, rooms, put_room_info);
+                out.push(*more as u8);
+            }
+            Packet::RoomMemberList { room, members } => {
+                put_str(out, room);
+                put_list(out, members, |out, m| {
+                    put_str(out, &m.username);
+                    out.push(m.online as u8);
+                });
+            }
+            Packet::RoomEvent { room, event, user } => {
+                put_str(out, room);
+                out.push(*event);
+                put_str(out, user);
+            }
+            Packet::RoomClosed { room } => put_str(out, room),
+            Packet::RoomDeliver(m) => {
+                put_u64(out, m.id);
+                put_str(out, &m.room);
+                put_str(out, &m.sender);
+                put_u64(out, m.timestamp_ms);
+                put_str(out, &m.text);
+            }
+            Packet::Presence(p) => put_presence(out, p),
+            Packet::PresenceList(list) => put_list(out, list, put_presence),
+            Packet::TypingNotice { from, room } => {
+                put_str(out, from);
+                put_str(out, room);
+            }
             Packet::Shutdown { text } => put_str(out, text),
         });
     }
@@ -690,6 +1022,39 @@ impl Packet {
                 }
             }
             kind::CAUGHT_UP => Packet::CaughtUp { cursor: r.u64()? },
+            kind::ROOM_INFO => Packet::RoomInfo(read_room_info(&mut r)?),
+            kind::ROOM_LIST => Packet::RoomList {
+                rooms: r.list(read_room_info)?,
+                more: r.bool()?,
+            },
+            kind::ROOM_MEMBER_LIST => Packet::RoomMemberList {
+                room: r.string()?,
+                members: r.list(|r| {
+                    Ok(Member {
+                        username: r.string()?,
+                        online: r.bool()?,
+                    })
+                })?,
+            },
+            kind::ROOM_EVENT => Packet::RoomEvent {
+                room: r.string()?,
+                event: r.u8()?,
+                user: r.string()?,
+            },
+            kind::ROOM_CLOSED => Packet::RoomClosed { room: r.string()? },
+            kind::ROOM_DELIVER => Packet::RoomDeliver(RoomMessage {
+                id: r.u64()?,
+                room: r.string()?,
+                sender: r.string()?,
+                timestamp_ms: r.u64()?,
+                text: r.string()?,
+            }),
+            kind::PRESENCE => Packet::Presence(read_presence(&mut r)?),
+            kind::PRESENCE_LIST => Packet::PresenceList(r.list(read_presence)?),
+            kind::TYPING_NOTICE => Packet::TypingNotice {
+                from: r.string()?,
+                room: r.string()?,
+            },
             kind::SHUTDOWN => Packet::Shutdown { text: r.string()? },
             other => return Err(DecodeError::WrongKind(other)),
         };

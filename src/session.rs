@@ -42,6 +42,10 @@ pub struct Identity {
     /// multi-device sync, reconnects and slow readers.
     pub cursor: u64,
     pub feed: Feed,
+    /// Users this session watches for presence ([HB-11]), by id and name; dropped from the hub when it ends.
+    pub watching: Vec<(UserId, String)>,
+    /// Recent typing notices sent, per target (room or user), for their rate limit ([HB-12]).
+    pub typing: Vec<(bool, String, Instant)>,
 }
 
 /// How a logged-in session gets its messages ([HB-5.3], [HB-5.6]).

@@ -278,6 +278,8 @@ impl Reactor {
             device,
             cursor: 0,
             feed: Feed::Live,
+            watching: Vec::new(),
+            typing: Vec::new(),
         });
         self.send(
             slot,

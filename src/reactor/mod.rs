@@ -18,6 +18,7 @@
 mod completions;
 mod messages;
 mod requests;
+mod rooms;
 
 use crate::auth::{HashDone, HashPool, Throttle};
 use crate::config::Config;

@@ -72,6 +72,7 @@ impl Reactor {
                 before_id,
                 limit,
             } => self.history(slot, rid, peer, before_id, limit),
+            _ => self.rooms_and_presence(slot, rid, request),
         }
     }
 
