@@ -119,6 +119,8 @@ impl Default for Config {
 
 /// Smallest `--max-frame`: a Login with the longest name, password and device must fit.
 pub const MIN_MAX_FRAME: u32 = 2048;
+/// Largest `--max-text`: a string on the wire has a u16 length, and room is left for the other fields.
+pub const MAX_MAX_TEXT: u64 = 60_000;
 /// Largest `--max-frame`.
 pub const MAX_MAX_FRAME: u32 = 16 * 1024 * 1024;
 
@@ -136,6 +138,14 @@ impl Config {
         T: Into<std::ffi::OsString> + Clone,
     {
         Cli::try_parse_from(args).map(Cli::into_config)
+    }
+
+    /// The most output one session may hold before it is closed as a slow consumer: the high-water mark, plus
+    /// one feed page of the longest messages (a page is appended whole once output is below the low-water
+    /// mark), plus the high-water mark again as room for other users' pushes (receipts, presence, events).
+    pub fn out_hard_limit(&self) -> usize {
+        let longest_deliver = self.max_text + 2 * 32 + 64;
+        2 * self.out_high_water + self.feed_page as usize * longest_deliver
     }
 
     /// Cross-field checks that a single flag's parser cannot make.
@@ -271,7 +281,7 @@ struct Cli {
     #[arg(long, env = "HUBBUB_THROTTLE_ENTRIES", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(16..=10_000_000))]
     throttle_entries: u64,
     /// Longest message text in bytes.
-    #[arg(long, env = "HUBBUB_MAX_TEXT", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "HUBBUB_MAX_TEXT", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=MAX_MAX_TEXT))]
     max_text: u64,
     /// Output bytes waiting for one session before it stops getting live pushes.
     #[arg(long, env = "HUBBUB_OUT_HIGH_WATER", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]

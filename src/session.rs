@@ -79,8 +79,9 @@ pub enum PendingAuth {
         device: String,
         last_seen: u64,
     },
-    /// Waiting for the store to revoke the session's own token.
-    Logout,
+    /// Waiting for the store to revoke the session's own token. The identity is kept so that a failed revoke
+    /// leaves the session logged in, as it was.
+    Logout { identity: Identity },
 }
 
 /// Where a session is in the protocol ([HB-7]).

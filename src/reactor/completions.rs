@@ -28,6 +28,12 @@ impl Reactor {
         self.pump_store_backlog();
     }
 
+    /// Takes the context kept for a request in flight (the oldest, if a client reused a request id).
+    fn take_awaiting(&mut self, ticket: Ticket) -> Option<super::Awaiting> {
+        let at = self.awaiting.iter().position(|(t, _)| *t == ticket)?;
+        Some(self.awaiting.remove(at).1)
+    }
+
     /// The slot of the session a ticket names, if that session is still open.
     fn live_slot(&self, ticket: &Ticket) -> Option<usize> {
         self.sessions
@@ -131,15 +137,21 @@ impl Reactor {
             }
             return;
         }
+        let awaiting = self.take_awaiting(done.ticket);
+        let mut revoked_token = None;
+        if let Some(super::Awaiting::Revoke { user, token_id }) = awaiting {
+            revoked_token = Some(token_id);
+            if let Outcome::Revoked(true) = done.outcome {
+                self.close_sessions_of_token(user, token_id);
+            }
+        }
         let Some(slot) = self.live_slot(&done.ticket) else {
             return;
         };
         let rid = done.ticket.request_id;
         if let Outcome::Failed(e) = &done.outcome {
             error!("store failed for session {}: {e}", self.sessions[slot].uuid);
-            if let State::Authenticating(_) = self.sessions[slot].state {
-                self.sessions[slot].state = State::Connected;
-            }
+            self.undo_pending(slot, rid);
             return self.fail(
                 slot,
                 rid,
@@ -180,9 +192,35 @@ impl Reactor {
                     "unknown, expired or revoked token; log in with a password",
                 );
             }
-            Outcome::Revoked(found) => self.revoked(slot, done.ticket, found),
+            Outcome::Revoked(found) => self.revoked(slot, rid, found, revoked_token),
             Outcome::Tokens(list) => self.send_token_list(slot, rid, list),
             other => self.on_message_done(slot, rid, other),
+        }
+    }
+
+    /// A job failed in the store: put the session back where it was before the request.
+    fn undo_pending(&mut self, slot: usize, rid: u32) {
+        let session = &mut self.sessions[slot];
+        match std::mem::replace(&mut session.state, State::Connected) {
+            State::Authenticating(PendingAuth::Logout { identity }) => {
+                session.state = State::Ready(identity)
+            }
+            State::Authenticating(_) => {}
+            State::Ready(mut identity) => {
+                // A feed page that failed is asked for again at the next flush.
+                if rid == 0
+                    && identity.feed
+                        == (Feed::Behind {
+                            page_in_flight: true,
+                        })
+                {
+                    identity.feed = Feed::Behind {
+                        page_in_flight: false,
+                    };
+                }
+                session.state = State::Ready(identity);
+            }
+            other => session.state = other,
         }
     }
 
@@ -310,30 +348,37 @@ impl Reactor {
         }
     }
 
-    fn revoked(&mut self, slot: usize, ticket: Ticket, found: bool) {
-        let rid = ticket.request_id;
-        if let State::Authenticating(PendingAuth::Logout) = self.sessions[slot].state {
-            // The session's own token: it is now logged out, and has a fresh login deadline.
-            self.sessions[slot].state = State::Connected;
+    /// The answer to a RevokeToken or Logout, for the session that asked. (Closing the token's other
+    /// sessions has already happened in `on_store_done`, whether or not the asker is still here.)
+    fn revoked(&mut self, slot: usize, rid: u32, found: bool, token_id: Option<u64>) {
+        let own_logout = matches!(
+            (&self.sessions[slot].state, token_id),
+            (State::Authenticating(PendingAuth::Logout { identity }), Some(t)) if identity.token_id == t
+        );
+        if own_logout {
+            let State::Authenticating(PendingAuth::Logout { identity }) =
+                std::mem::replace(&mut self.sessions[slot].state, State::Connected)
+            else {
+                return;
+            };
+            // Logged out, with a fresh login deadline ([HB-7.12]).
+            info!(
+                "logout {} user {}",
+                self.sessions[slot].uuid, identity.username
+            );
+            self.leave_hub(self.sessions[slot].id, &identity);
             self.restart_auth_clock(slot);
             return self.send(slot, rid, &Packet::Ok);
         }
-        let Some(at) = self.revoking.iter().position(|(t, _)| *t == ticket) else {
-            return;
-        };
-        let (_, token_id) = self.revoking.swap_remove(at);
-        if !found {
-            return self.fail(slot, rid, code::NOT_FOUND, "no such token");
+        if found {
+            self.send(slot, rid, &Packet::Ok);
+        } else {
+            self.fail(slot, rid, code::NOT_FOUND, "no such token");
         }
-        self.send(slot, rid, &Packet::Ok);
-        self.close_sessions_of_token(slot, token_id);
     }
 
     /// Sessions logged in with a token that was just revoked end now, not at their next request ([HB-7.9]).
-    fn close_sessions_of_token(&mut self, slot: usize, token_id: u64) {
-        let Some(user) = self.sessions[slot].identity().map(|i| i.user_id) else {
-            return;
-        };
+    fn close_sessions_of_token(&mut self, user: store::UserId, token_id: u64) {
         let holders: Vec<usize> = self
             .hub
             .sessions_of(user)

@@ -94,6 +94,11 @@ impl Reactor {
 
     /// Read: forwarded at once to the peer's live sessions as a read receipt; never stored ([HB-5.5]).
     pub(super) fn read_receipt(&mut self, slot: usize, rid: u32, peer: String, up_to: u64) {
+        // Receipts land in another user's output: they share the sender's rate limit.
+        let (rate, burst) = (self.config.send_rate, self.config.send_burst);
+        if !self.sessions[slot].take_send_token(self.now, rate, burst) {
+            return self.fail(slot, rid, code::RATE_LIMITED, "sending too fast");
+        }
         let Some(reader) = self.sessions[slot].identity().map(|i| i.username.clone()) else {
             return;
         };
@@ -227,6 +232,8 @@ impl Reactor {
                 page_in_flight: false,
             };
             self.stats_fallen_back += 1;
+            // If the output is already below the low-water mark (one huge message), fetch it now.
+            self.request_page_if_drained(slot);
             return;
         }
         identity.cursor = id;

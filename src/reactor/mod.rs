@@ -22,10 +22,10 @@ mod rooms;
 
 use crate::auth::{HashDone, HashPool, Throttle};
 use crate::config::Config;
-use crate::framing::split_frame;
+use crate::framing::{split_frame, FrameError};
 use crate::hub::{Hub, SessionRef};
 use crate::protocol::{code, is_request_kind, Packet};
-use crate::session::{CloseReason, IoStatus, Session, State};
+use crate::session::{CloseReason, Identity, IoStatus, PendingAuth, Session, State};
 use crate::store::{self, StoreConfig, StoreHandle};
 use log::{debug, info, trace, warn};
 use mio::net::TcpListener;
@@ -210,7 +210,7 @@ impl Server {
             to_read: Vec::new(),
             to_reap: Vec::new(),
             parked: Vec::new(),
-            revoking: Vec::new(),
+            awaiting: Vec::new(),
             frame_scratch: Vec::new(),
             targets_scratch: Vec::new(),
             stats_fallen_back: 0,
@@ -253,6 +253,18 @@ impl Server {
             thread,
         })
     }
+}
+
+/// What a request in flight still needs to know when its store answer comes, beyond what the answer says.
+/// Kept by ticket, oldest first; consumed even if the asking session has gone meanwhile.
+#[derive(Debug)]
+enum Awaiting {
+    /// RevokeToken or Logout: whose token, so that every session using it ends once the revoke is committed —
+    /// whether or not the asking session is still there to hear the answer.
+    Revoke {
+        user: crate::store::UserId,
+        token_id: u64,
+    },
 }
 
 /// Progress of a graceful shutdown.
@@ -309,8 +321,8 @@ struct Reactor {
     /// Sessions that may not take frames for now (login in flight, store backpressure, output over the
     /// high-water mark). They do not make the loop spin: `unpark_ready` moves them back once the reason is gone.
     parked: Vec<usize>,
-    /// RevokeToken requests in flight, with the token each names, to close that token's sessions once committed.
-    revoking: Vec<(crate::session::Ticket, u64)>,
+    /// Context of requests in flight that their store answer does not carry.
+    awaiting: Vec<(crate::session::Ticket, Awaiting)>,
     /// Reused buffers for routing, so the hot path does not allocate per message.
     frame_scratch: Vec<u8>,
     targets_scratch: Vec<usize>,
@@ -472,11 +484,19 @@ impl Reactor {
 
     /// A session's next deadline and what happens then: the login deadline while not logged in, else idleness.
     fn deadline_of(&self, session: &Session) -> (Instant, CloseReason) {
-        let mut due = (
-            session.last_frame_at + self.config.idle_timeout,
-            CloseReason::IdleTimeout,
+        // A parked session's frames wait unread because of the server (a full store queue) or its own unread
+        // output (which the slow-consumer clock covers): its silence is not idleness.
+        let idle = if session.parked {
+            self.now + self.config.idle_timeout
+        } else {
+            session.last_frame_at + self.config.idle_timeout
+        };
+        let mut due = (idle, CloseReason::IdleTimeout);
+        let logged_in = matches!(
+            session.state,
+            State::Ready(_) | State::Authenticating(PendingAuth::Logout { .. })
         );
-        if !matches!(session.state, State::Ready(_)) {
+        if !logged_in {
             due = earlier(
                 due,
                 (
@@ -770,15 +790,18 @@ impl Reactor {
                 }
                 Err(e) => {
                     let code = match e {
-                        crate::framing::FrameError::BadMagic => code::BAD_MAGIC,
-                        crate::framing::FrameError::BadVersion(_) => code::BAD_VERSION,
-                        crate::framing::FrameError::UnknownKind(_) => code::UNKNOWN_KIND,
-                        crate::framing::FrameError::TooLarge { .. } => code::FRAME_TOO_LARGE,
+                        FrameError::BadMagic => code::BAD_MAGIC,
+                        FrameError::BadVersion(_) => code::BAD_VERSION,
+                        FrameError::UnknownKind(_) => code::UNKNOWN_KIND,
+                        FrameError::TooLarge { .. } => code::FRAME_TOO_LARGE,
                     };
-                    let request_id = buf[used..]
-                        .get(4..8)
-                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0);
+                    // Echo the request id only from a header whose magic and version were good.
+                    let header_trusted =
+                        matches!(e, FrameError::UnknownKind(_) | FrameError::TooLarge { .. });
+                    let request_id = match buf[used..].get(4..8) {
+                        Some(b) if header_trusted => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                        _ => 0,
+                    };
                     self.fail(slot, request_id, code, &e.to_string());
                     break;
                 }
@@ -846,6 +869,25 @@ impl Reactor {
         }
         packet.encode(request_id, &mut session.output);
         self.queue_flush(slot);
+        self.enforce_output_limit(slot);
+    }
+
+    /// The hard bound on one session's output, checked where bytes are appended ([HB-5.6]). Messages never
+    /// reach it (past the high-water mark they wait in the store), and replies stop when the session stops
+    /// being read; what is left is pushes from other users — receipts, presence, room events, typing — to a
+    /// client that does not read. Such a client is cut off rather than allowed to hold memory without end.
+    fn enforce_output_limit(&mut self, slot: usize) {
+        let hard_limit = self.config.out_hard_limit();
+        let session = &mut self.sessions[slot];
+        if session.pending_output() <= hard_limit || session.is_closing() {
+            return;
+        }
+        let error = Packet::Error {
+            code: code::SLOW_CONSUMER,
+            text: "output limit exceeded: not reading".into(),
+        };
+        error.encode(0, &mut session.output);
+        self.disconnect(slot, CloseReason::SlowConsumer);
     }
 
     fn queue_flush(&mut self, slot: usize) {
@@ -876,11 +918,13 @@ impl Reactor {
             match status {
                 IoStatus::Drained | IoStatus::BudgetSpent => {
                     let want_writable = session.pending_output() > 0;
-                    session.stalled_since = match (want_writable, session.stalled_since) {
-                        (false, _) => None,
-                        (true, None) => Some(self.now),
-                        (true, since) => since,
-                    };
+                    // The slow-consumer clock runs while output waits and the socket takes none of it.
+                    session.stalled_since =
+                        match (want_writable, written > 0, session.stalled_since) {
+                            (false, _, _) => None,
+                            (true, true, _) | (true, false, None) => Some(self.now),
+                            (true, false, since) => since,
+                        };
                     if want_writable != session.writable_registered {
                         let interest = if want_writable {
                             Interest::READABLE | Interest::WRITABLE
@@ -975,11 +1019,19 @@ impl Reactor {
             "disconnect {} from {}{who}: {reason:?}",
             session.uuid, session.peer
         );
-        if let State::Ready(identity) = previous {
-            self.hub.leave(identity.user_id, session.id);
+        let id = session.id;
+        if let State::Ready(identity) | State::Authenticating(PendingAuth::Logout { identity }) =
+            previous
+        {
+            self.leave_hub(id, &identity);
         }
         // The Error frame (if any) must still go out: reap writes it, so the flush phase need not.
         self.to_reap.push(slot);
+    }
+
+    /// A logged-in session ends (disconnect or logout): it leaves the hub.
+    fn leave_hub(&mut self, session_id: u64, identity: &Identity) {
+        self.hub.leave(identity.user_id, session_id);
     }
 }
 

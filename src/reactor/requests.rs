@@ -10,7 +10,7 @@ use crate::framing::Header;
 use crate::protocol::{code, Packet, Request, DEVICE_MAX};
 use crate::session::{PendingAuth, State, Ticket};
 use crate::store::{self, Op};
-use log::{debug, info};
+use log::debug;
 
 impl Reactor {
     /// Decodes one frame's body and acts on it. A body that does not decode is answered with MALFORMED and the
@@ -176,17 +176,18 @@ impl Reactor {
             ticket: self.ticket(slot, rid),
             op,
         };
-        let State::Ready(identity) = std::mem::replace(
-            &mut self.sessions[slot].state,
-            State::Authenticating(PendingAuth::Logout),
-        ) else {
+        let State::Ready(identity) =
+            std::mem::replace(&mut self.sessions[slot].state, State::Connected)
+        else {
             return;
         };
-        self.hub.leave(identity.user_id, self.sessions[slot].id);
-        info!(
-            "logout {} user {}",
-            self.sessions[slot].uuid, identity.username
-        );
+        let awaiting = super::Awaiting::Revoke {
+            user: identity.user_id,
+            token_id: identity.token_id,
+        };
+        self.awaiting.push((job.ticket, awaiting));
+        // The session stays in the hub until the store confirms: if the revoke fails it is still logged in.
+        self.sessions[slot].state = State::Authenticating(PendingAuth::Logout { identity });
         self.submit_store(job);
     }
 
@@ -217,7 +218,11 @@ impl Reactor {
                 token_id,
             },
         };
-        self.revoking.push((job.ticket, token_id));
+        let awaiting = super::Awaiting::Revoke {
+            user: identity.user_id,
+            token_id,
+        };
+        self.awaiting.push((job.ticket, awaiting));
         self.submit_store(job);
     }
 
@@ -293,6 +298,11 @@ impl Reactor {
         let Some(hasher) = &self.hasher else {
             return false;
         };
+        if hasher.queue_depth() >= self.config.hash_queue {
+            self.sessions[slot].state = State::Connected;
+            self.fail(slot, rid, code::SERVER_BUSY, "server busy, try again");
+            return false;
+        }
         match hasher.try_submit(job) {
             Ok(()) => true,
             Err(mut job) => {

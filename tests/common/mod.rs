@@ -39,7 +39,12 @@ pub fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
 
 pub fn start_in(dir: tempfile::TempDir, config: Config) -> TestServer {
     let running = Server::bind(config.clone()).unwrap().spawn().unwrap();
-    TestServer { addr: running.addr, config, running: Some(running), dir }
+    TestServer {
+        addr: running.addr,
+        config,
+        running: Some(running),
+        dir,
+    }
 }
 
 impl TestServer {

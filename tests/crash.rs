@@ -1,0 +1,475 @@
+//! The real `hubbub` binary under load, killed (SIGKILL) or stopped (SIGTERM) in the middle, then restarted on
+//! the same database: every acknowledged message survives exactly once ([HB-5.1] "Ack only after the store
+//! commits", [HB-5.2] resends, [HB-5.3] catch-up from the store).
+
+use hubbub::client::{Client, ClientError};
+use hubbub::protocol::{Message, Packet, Request};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "password123";
+const WAIT: Duration = Duration::from_secs(10);
+const SENDERS: usize = 4;
+const RECIPIENTS: usize = 3;
+/// Sends in flight per sender connection.
+const WINDOW: usize = 32;
+
+// -------------------------------------------------------------------------------------------------------------
+// The server process
+// -------------------------------------------------------------------------------------------------------------
+
+/// A running `hubbub` process. Dropping it kills it (SIGKILL) and reaps it, whatever path the test took.
+struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    drain: Option<JoinHandle<()>>,
+}
+
+impl ServerProcess {
+    fn start(db: &Path) -> ServerProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--db")
+            .arg(db)
+            .args(["--argon2-memory-kib", "8", "--argon2-iterations", "1"])
+            // The load below is far above the default 50 messages/s per session.
+            .args(["--send-rate", "1000000", "--send-burst", "1000000"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the hubbub binary");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        // Reads stderr to the end, so the pipe never fills; the first "listening on" line gives the address.
+        let drain = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(at) = line.find("listening on ") {
+                        let addr = line[at + "listening on ".len()..]
+                            .split_whitespace()
+                            .next()
+                            .and_then(|a| a.parse::<SocketAddr>().ok());
+                        if let (Some(addr), Some(tx)) = (addr, tx.take()) {
+                            let _ = tx.send(addr);
+                        }
+                    }
+                    let mut log = log.lock().unwrap();
+                    if log.len() >= 400 {
+                        log.remove(0);
+                    }
+                    log.push(line);
+                }
+            })
+        };
+        let mut process = ServerProcess {
+            child,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            log,
+            drain: Some(drain),
+        };
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => process.addr = addr,
+            Err(_) => {
+                process.kill();
+                panic!(
+                    "the server did not say where it listens; stderr:\n{}",
+                    process.log_text()
+                );
+            }
+        }
+        process
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn connect(&self) -> Client {
+        Client::connect(self.addr).unwrap()
+    }
+
+    fn login(&self, name: &str, device: &str) -> Client {
+        let mut c = self.connect();
+        c.login(name, PASSWORD, device, 0).unwrap();
+        c
+    }
+
+    /// SIGKILL, and wait for it.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(drain) = self.drain.take() {
+            let _ = drain.join();
+        }
+    }
+
+    /// SIGTERM, then wait up to `within` for the exit; None if it did not exit in time.
+    fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(drain) = self.drain.take() {
+                    let _ = drain.join();
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Load
+// -------------------------------------------------------------------------------------------------------------
+
+fn sender_name(i: usize) -> String {
+    format!("sender{i}")
+}
+
+fn recipient_name(i: usize) -> String {
+    format!("recipient{i}")
+}
+
+/// One Send a sender made, and what became of it.
+#[derive(Clone, Debug)]
+struct Sent {
+    sender: String,
+    recipient: String,
+    client_msg_id: u64,
+    text: String,
+    /// The acknowledged message id; None if no Ack arrived.
+    acked: Option<u64>,
+}
+
+fn register_all(server: &ServerProcess) {
+    let mut c = server.connect();
+    for i in 0..SENDERS {
+        c.register(&sender_name(i), PASSWORD).unwrap();
+    }
+    for i in 0..RECIPIENTS {
+        c.register(&recipient_name(i), PASSWORD).unwrap();
+    }
+}
+
+/// Starts the sender threads: each sends pipelined bursts (client ids from `first_cid` on) until `stop` is set
+/// or its connection fails, and returns every Send it made. `acked` counts Acks across all senders.
+fn start_senders(
+    server: &ServerProcess,
+    first_cid: u64,
+    stop: &Arc<AtomicBool>,
+    acked: &Arc<AtomicUsize>,
+) -> Vec<JoinHandle<Vec<Sent>>> {
+    (0..SENDERS)
+        .map(|i| {
+            let mut client = server.login(&sender_name(i), "load");
+            let stop = Arc::clone(stop);
+            let acked = Arc::clone(acked);
+            std::thread::spawn(move || {
+                let me = sender_name(i);
+                let mut made: Vec<Sent> = Vec::new();
+                let mut next_cid = first_cid;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                'bursts: while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    let mut in_flight = Vec::new();
+                    for _ in 0..WINDOW {
+                        let cid = next_cid;
+                        next_cid += 1;
+                        let recipient = recipient_name((cid as usize + i) % RECIPIENTS);
+                        let text = format!("{me} #{cid} {}", "x".repeat((cid % 7) as usize * 50));
+                        let request = Request::Send {
+                            recipient: recipient.clone(),
+                            client_msg_id: cid,
+                            text: text.clone(),
+                        };
+                        made.push(Sent {
+                            sender: me.clone(),
+                            recipient,
+                            client_msg_id: cid,
+                            text,
+                            acked: None,
+                        });
+                        match client.send_request(&request) {
+                            Ok(rid) => in_flight.push((rid, made.len() - 1)),
+                            Err(_) => break 'bursts,
+                        }
+                    }
+                    for (rid, at) in in_flight {
+                        match client.wait_reply(rid, WAIT) {
+                            Ok(Packet::Ack { message_id, .. }) => {
+                                made[at].acked = Some(message_id);
+                                acked.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Ok(other) => panic!("{me}: unexpected answer to a Send: {other:?}"),
+                            // The server went away (killed or shutting down): this Send is unacknowledged.
+                            Err(ClientError::Server { code, text }) => {
+                                panic!("{me}: Send refused: {code} {text}")
+                            }
+                            Err(_) => break 'bursts,
+                        }
+                    }
+                }
+                made
+            })
+        })
+        .collect()
+}
+
+/// Waits until at least `n` Acks (or 20 s).
+fn wait_for_acks(acked: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        acked.load(Ordering::SeqCst) >= n,
+        "the load made only {} acks",
+        acked.load(Ordering::SeqCst)
+    );
+}
+
+fn join_senders(threads: Vec<JoinHandle<Vec<Sent>>>) -> Vec<Sent> {
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("a sender thread panicked"))
+        .collect()
+}
+
+/// Logs each recipient in on a fresh device with last_seen 0 and reads until CaughtUp.
+fn read_all(server: &ServerProcess) -> Vec<Message> {
+    let mut all = Vec::new();
+    for i in 0..RECIPIENTS {
+        let name = recipient_name(i);
+        let mut c = server.login(&name, "after-restart");
+        loop {
+            match c.next_push(WAIT) {
+                Ok(Packet::Deliver(m)) => {
+                    assert_eq!(
+                        m.recipient, name,
+                        "{name}'s feed has only messages to {name}"
+                    );
+                    all.push(m);
+                }
+                Ok(Packet::CaughtUp { .. }) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{name} catching up after {} messages: {e}", all.len()),
+            }
+        }
+    }
+    all
+}
+
+/// Checks the delivered messages against what was sent: every acked message exactly once with its id and text,
+/// unacked ones at most once, nothing else. Returns the text → id map of what is in the store.
+fn check_delivered(sent: &[Sent], delivered: &[Message]) -> HashMap<String, u64> {
+    let mut ids = HashSet::new();
+    for m in delivered {
+        assert!(ids.insert(m.id), "message id {} delivered twice", m.id);
+    }
+    let mut by_text: HashMap<String, u64> = HashMap::new();
+    for m in delivered {
+        if let Some(first) = by_text.insert(m.text.clone(), m.id) {
+            panic!("{:?} stored twice: ids {first} and {}", m.text, m.id);
+        }
+    }
+    let made: HashMap<&str, &Sent> = sent.iter().map(|s| (s.text.as_str(), s)).collect();
+    for m in delivered {
+        let s = made
+            .get(m.text.as_str())
+            .unwrap_or_else(|| panic!("delivered a message nobody sent: {m:?}"));
+        assert_eq!((&m.sender, &m.recipient), (&s.sender, &s.recipient));
+    }
+    let mut acked = 0;
+    for s in sent {
+        if let Some(id) = s.acked {
+            acked += 1;
+            assert_eq!(
+                by_text.get(&s.text),
+                Some(&id),
+                "acknowledged message {} #{} (id {id}) was lost or changed id",
+                s.sender,
+                s.client_msg_id
+            );
+        }
+    }
+    println!(
+        "{} sends, {acked} acknowledged, {} stored",
+        sent.len(),
+        delivered.len()
+    );
+    by_text
+}
+
+fn integrity_check(db: &Path) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let result: String = conn
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(result, "ok", "PRAGMA integrity_check");
+    let dupes: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM (SELECT 1 FROM messages GROUP BY sender_id, client_msg_id HAVING count(*) > 1)",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(dupes, 0, "no (sender, client_msg_id) stored twice");
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// Tests
+// -------------------------------------------------------------------------------------------------------------
+
+// [HB-5.1] [HB-5.2] SIGKILL in the middle of pipelined bursts from several senders, three times over on the
+// same database: after the last restart every acknowledged message is delivered exactly once, unacknowledged
+// ones at most once, resends of acknowledged client ids get the original id, and the database passes its
+// integrity check.
+#[test]
+fn hb_5_1_kill_9_mid_load_loses_no_acknowledged_message() {
+    const CYCLES: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hubbub.db");
+    let mut sent = Vec::new();
+    for cycle in 0..CYCLES {
+        let mut server = ServerProcess::start(&db);
+        if cycle == 0 {
+            register_all(&server);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicUsize::new(0));
+        let senders = start_senders(&server, cycle * 1_000_000 + 1, &stop, &acked);
+        wait_for_acks(&acked, 500 + 400 * cycle as usize);
+        server.kill();
+        let killed_at = acked.load(Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+        let made = join_senders(senders);
+        println!(
+            "cycle {cycle}: SIGKILL after {killed_at} acks, {} sends unanswered",
+            made.iter().filter(|s| s.acked.is_none()).count()
+        );
+        sent.extend(made);
+    }
+
+    let server = ServerProcess::start(&db);
+    let delivered = read_all(&server);
+    let stored = check_delivered(&sent, &delivered);
+    let unacked_stored = sent
+        .iter()
+        .filter(|s| s.acked.is_none() && stored.contains_key(&s.text))
+        .count();
+    println!("{unacked_stored} unacknowledged sends were committed before the kill");
+
+    // [HB-5.2] Resends after the restart: an acknowledged client id answers the original id; an unacknowledged
+    // one answers the stored id if it was committed, else a new one — never a second copy.
+    for i in 0..SENDERS {
+        let me = sender_name(i);
+        let mine: Vec<&Sent> = sent.iter().filter(|s| s.sender == me).collect();
+        let mut c = server.login(&me, "resend");
+        for s in mine.iter().filter(|s| s.acked.is_some()).rev().take(3) {
+            let (id, _) = c
+                .send_message(&s.recipient, s.client_msg_id, &s.text)
+                .unwrap();
+            assert_eq!(
+                Some(id),
+                s.acked,
+                "{me} #{} resent after restart",
+                s.client_msg_id
+            );
+        }
+        for s in mine.iter().filter(|s| s.acked.is_none()).take(3) {
+            let (id, _) = c
+                .send_message(&s.recipient, s.client_msg_id, &s.text)
+                .unwrap();
+            if let Some(&stored_id) = stored.get(&s.text) {
+                assert_eq!(
+                    id, stored_id,
+                    "{me} #{} was committed: same id",
+                    s.client_msg_id
+                );
+            } else {
+                assert!(delivered.iter().all(|m| m.id != id));
+            }
+        }
+    }
+    // Still exactly once each, after the resends.
+    let again = read_all(&server);
+    let mut texts = HashSet::new();
+    for m in &again {
+        assert!(
+            texts.insert(m.text.clone()),
+            "{:?} twice after resends",
+            m.text
+        );
+    }
+    assert!(again.len() >= delivered.len());
+
+    drop(server); // SIGKILL again; the database must still be sound
+    integrity_check(&db);
+}
+
+// [HB-5.1] SIGTERM during load: the server exits with status 0 within 5 s, and after a restart every
+// acknowledged message is there exactly once.
+#[test]
+fn hb_5_1_sigterm_mid_load_exits_cleanly_and_keeps_every_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hubbub.db");
+    let mut server = ServerProcess::start(&db);
+    register_all(&server);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let senders = start_senders(&server, 1, &stop, &acked);
+    wait_for_acks(&acked, 1500);
+    let started = Instant::now();
+    let status = server.terminate(Duration::from_secs(5));
+    let took = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let sent = join_senders(senders);
+    let Some(status) = status else {
+        let log = server.log_text();
+        server.kill();
+        panic!("no exit within 5 s of SIGTERM; stderr:\n{log}");
+    };
+    println!("SIGTERM: exit {status:?} after {took:?}");
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", server.log_text());
+    assert!(
+        server.log_text().contains("hubbub stopped"),
+        "stderr:\n{}",
+        server.log_text()
+    );
+
+    let restarted = ServerProcess::start(&db);
+    let delivered = read_all(&restarted);
+    check_delivered(&sent, &delivered);
+    drop(restarted);
+    integrity_check(&db);
+}
