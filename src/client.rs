@@ -8,7 +8,9 @@
 //! `ClientError::Server` with its code and text.
 
 use crate::framing::{split_frame, Frame, Header};
-use crate::protocol::{is_packet_kind, Message, Packet, Request, Token, TokenEntry};
+use crate::protocol::{
+    is_packet_kind, Member, Message, Packet, PresenceEntry, Request, RoomInfo, Token, TokenEntry,
+};
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -386,6 +388,117 @@ impl Client {
         }
     }
 
+    // --- rooms ---
+
+    pub fn create_room(&mut self, name: &str, topic: &str) -> Result<RoomInfo> {
+        into_room(self.call(&Request::CreateRoom {
+            name: name.into(),
+            topic: topic.into(),
+        })?)
+    }
+
+    pub fn join_room(&mut self, name: &str) -> Result<RoomInfo> {
+        into_room(self.call(&Request::JoinRoom { name: name.into() })?)
+    }
+
+    pub fn leave_room(&mut self, name: &str) -> Result<()> {
+        self.call_ok(&Request::LeaveRoom { name: name.into() })
+    }
+
+    pub fn kick(&mut self, room: &str, user: &str) -> Result<()> {
+        self.call_ok(&Request::Kick {
+            room: room.into(),
+            user: user.into(),
+        })
+    }
+
+    pub fn close_room(&mut self, name: &str) -> Result<()> {
+        self.call_ok(&Request::CloseRoom { name: name.into() })
+    }
+
+    /// One page of rooms by name after `after` ("" = from the start): (rooms, more).
+    pub fn list_rooms(&mut self, after: &str, limit: u16) -> Result<(Vec<RoomInfo>, bool)> {
+        match self.call(&Request::ListRooms {
+            after: after.into(),
+            limit,
+        })? {
+            Packet::RoomList { rooms, more } => Ok((rooms, more)),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    pub fn room_members(&mut self, name: &str) -> Result<Vec<Member>> {
+        match self.call(&Request::RoomMembers { name: name.into() })? {
+            Packet::RoomMemberList { members, .. } => Ok(members),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// Posts to a room and waits for its Ack: (message id, timestamp in ms).
+    pub fn send_room(&mut self, room: &str, client_msg_id: u64, text: &str) -> Result<(u64, u64)> {
+        let request = Request::SendRoom {
+            room: room.into(),
+            client_msg_id,
+            text: text.into(),
+        };
+        match self.call(&request)? {
+            Packet::Ack {
+                message_id,
+                timestamp_ms,
+            } => Ok((message_id, timestamp_ms)),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    /// One page of a room's history, newest first (messages carry the room's name as recipient).
+    pub fn room_history(
+        &mut self,
+        room: &str,
+        before_id: u64,
+        limit: u16,
+    ) -> Result<(Vec<Message>, bool)> {
+        match self.call(&Request::RoomHistory {
+            room: room.into(),
+            before_id,
+            limit,
+        })? {
+            Packet::HistoryPage { messages, more } => Ok((messages, more)),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    // --- presence, typing, stats ---
+
+    pub fn watch(&mut self, users: &[&str]) -> Result<Vec<PresenceEntry>> {
+        let users = users.iter().map(|u| (*u).to_owned()).collect();
+        match self.call(&Request::Watch { users })? {
+            Packet::PresenceList(list) => Ok(list),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
+    pub fn unwatch(&mut self, users: &[&str]) -> Result<()> {
+        self.call_ok(&Request::Unwatch {
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
+        })
+    }
+
+    /// Says "typing" to a user or a room. There is no reply.
+    pub fn typing(&mut self, room: bool, to: &str) -> Result<()> {
+        self.send_request(&Request::Typing {
+            room,
+            to: to.into(),
+        })
+        .map(drop)
+    }
+
+    pub fn stats(&mut self) -> Result<Vec<(String, u64)>> {
+        match self.call(&Request::Stats)? {
+            Packet::StatsReply(counters) => Ok(counters),
+            other => Err(ClientError::Unexpected(other)),
+        }
+    }
+
     /// Waits for the next Deliver push, skipping other pushes (receipts, CaughtUp).
     pub fn next_message(&mut self, timeout: Duration) -> Result<Message> {
         let deadline = Instant::now() + timeout;
@@ -403,6 +516,13 @@ fn into_result(packet: Packet) -> Result<Packet> {
     match packet {
         Packet::Error { code, text } => Err(ClientError::Server { code, text }),
         other => Ok(other),
+    }
+}
+
+fn into_room(packet: Packet) -> Result<RoomInfo> {
+    match packet {
+        Packet::RoomInfo(info) => Ok(info),
+        other => Err(ClientError::Unexpected(other)),
     }
 }
 

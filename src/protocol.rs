@@ -87,6 +87,19 @@ pub fn is_request_kind(k: u8) -> bool {
             | RECEIVED
             | READ
             | HISTORY
+            | CREATE_ROOM
+            | JOIN_ROOM
+            | LEAVE_ROOM
+            | KICK
+            | CLOSE_ROOM
+            | LIST_ROOMS
+            | ROOM_MEMBERS
+            | SEND_ROOM
+            | ROOM_HISTORY
+            | WATCH
+            | UNWATCH
+            | TYPING
+            | STATS
     )
 }
 
@@ -107,6 +120,16 @@ pub fn is_packet_kind(k: u8) -> bool {
             | READ_RECEIPT
             | HISTORY_PAGE
             | CAUGHT_UP
+            | ROOM_EVENT
+            | ROOM_CLOSED
+            | ROOM_LIST
+            | ROOM_MEMBER_LIST
+            | ROOM_INFO
+            | ROOM_DELIVER
+            | PRESENCE
+            | PRESENCE_LIST
+            | TYPING_NOTICE
+            | STATS_REPLY
             | SHUTDOWN
     )
 }
@@ -253,6 +276,8 @@ pub enum Request {
         room: bool,
         to: String,
     },
+    /// The server's counters.
+    Stats,
 }
 
 /// A room as listed or answered to Create/Join ([HB-10]).
@@ -397,6 +422,8 @@ pub enum Packet {
         /// The room typed in, or "" for a direct conversation.
         room: String,
     },
+    /// Named counters, in a fixed order ([HB-13]); a client shows those it knows and may ignore the rest.
+    StatsReply(Vec<(String, u64)>),
     Shutdown {
         text: String,
     },
@@ -646,13 +673,14 @@ impl Request {
             Request::Watch { .. } => kind::WATCH,
             Request::Unwatch { .. } => kind::UNWATCH,
             Request::Typing { .. } => kind::TYPING,
+            Request::Stats => kind::STATS,
         }
     }
 
     /// Appends this request as a whole frame.
     pub fn encode(&self, request_id: u32, out: &mut Vec<u8>) {
         put_frame(out, self.kind(), request_id, |out| match self {
-            Request::Ping | Request::Logout | Request::ListTokens => {}
+            Request::Ping | Request::Logout | Request::ListTokens | Request::Stats => {}
             Request::Register { username, password } => {
                 put_str(out, username);
                 put_str(out, password);
@@ -819,6 +847,7 @@ impl Request {
                 room: r.bool()?,
                 to: r.string()?,
             },
+            kind::STATS => Request::Stats,
             other => return Err(DecodeError::WrongKind(other)),
         };
         r.finish(request)
@@ -854,6 +883,7 @@ impl Packet {
             Packet::Presence(_) => kind::PRESENCE,
             Packet::PresenceList(_) => kind::PRESENCE_LIST,
             Packet::TypingNotice { .. } => kind::TYPING_NOTICE,
+            Packet::StatsReply(_) => kind::STATS_REPLY,
             Packet::Shutdown { .. } => kind::SHUTDOWN,
         }
     }
@@ -954,6 +984,10 @@ impl Packet {
                 put_str(out, from);
                 put_str(out, room);
             }
+            Packet::StatsReply(counters) => put_list(out, counters, |out, (name, value)| {
+                put_str(out, name);
+                put_u64(out, *value);
+            }),
             Packet::Shutdown { text } => put_str(out, text),
         });
     }
@@ -1055,6 +1089,7 @@ impl Packet {
                 from: r.string()?,
                 room: r.string()?,
             },
+            kind::STATS_REPLY => Packet::StatsReply(r.list(|r| Ok((r.string()?, r.u64()?)))?),
             kind::SHUTDOWN => Packet::Shutdown { text: r.string()? },
             other => return Err(DecodeError::WrongKind(other)),
         };

@@ -7,7 +7,7 @@
 //!
 //! Must not: block, or call a worker synchronously. Wakes coalesce, so each wake drains *every* completion.
 
-use super::{Reactor, SHUTDOWN_TICKET};
+use super::Reactor;
 use crate::auth::{HashDone, HashJob, HashOp, HashOutcome};
 use crate::hub::SessionRef;
 use crate::protocol::{code, Packet, TokenEntry};
@@ -29,7 +29,7 @@ impl Reactor {
     }
 
     /// Takes the context kept for a request in flight (the oldest, if a client reused a request id).
-    fn take_awaiting(&mut self, ticket: Ticket) -> Option<super::Awaiting> {
+    pub(super) fn take_awaiting(&mut self, ticket: Ticket) -> Option<super::Awaiting> {
         let at = self.awaiting.iter().position(|(t, _)| *t == ticket)?;
         Some(self.awaiting.remove(at).1)
     }
@@ -88,11 +88,11 @@ impl Reactor {
                 HashOutcome::Verified(ok),
             ) => match account.filter(|_| ok) {
                 Some(account) => {
-                    let ttl_secs = self.config.token_ttl.as_secs();
+                    let ttl_ms = self.config.token_ttl.as_millis().min(u64::MAX as u128) as u64;
                     let op = Op::IssueToken {
                         user_id: account.user_id,
                         device: device.clone(),
-                        ttl_secs,
+                        ttl_ms,
                     };
                     self.sessions[slot].state = State::Authenticating(PendingAuth::Login {
                         username,
@@ -131,15 +131,17 @@ impl Reactor {
     // -----------------------------------------------------------------------------------------------------------
 
     fn on_store_done(&mut self, done: store::Done) {
-        if done.ticket == SHUTDOWN_TICKET {
+        if let Outcome::Stopped = done.outcome {
             if let Some(progress) = &mut self.shutdown {
                 progress.store_stopped = true;
             }
             return;
         }
-        let awaiting = self.take_awaiting(done.ticket);
+        // Taken even when the session has gone, so that nothing is left behind in `awaiting`.
+        let mut awaiting = self.take_awaiting(done.ticket);
         let mut revoked_token = None;
         if let Some(super::Awaiting::Revoke { user, token_id }) = awaiting {
+            awaiting = None;
             revoked_token = Some(token_id);
             if let Outcome::Revoked(true) = done.outcome {
                 self.close_sessions_of_token(user, token_id);
@@ -194,7 +196,11 @@ impl Reactor {
             }
             Outcome::Revoked(found) => self.revoked(slot, rid, found, revoked_token),
             Outcome::Tokens(list) => self.send_token_list(slot, rid, list),
-            other => self.on_message_done(slot, rid, other),
+            other => {
+                if let Some(other) = self.on_room_done(slot, done.ticket, other, awaiting) {
+                    self.on_message_done(slot, rid, other);
+                }
+            }
         }
     }
 
@@ -303,11 +309,15 @@ impl Reactor {
             "login {} user {} device {device:?}",
             self.sessions[slot].uuid, account.username
         );
+        let came_online = !self.hub.is_online(account.user_id);
         if let Some(oldest) = self
             .hub
             .join(account.user_id, &account.username, session_ref, max)
         {
             self.replace_session(oldest);
+        }
+        if came_online {
+            self.announce_presence(account.user_id, &account.username, true, 0);
         }
         self.sessions[slot].state = State::Ready(Identity {
             user_id: account.user_id,

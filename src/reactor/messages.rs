@@ -19,7 +19,9 @@
 
 use super::Reactor;
 use crate::auth::canonical_username;
-use crate::protocol::{code, encode_deliver, Message, Packet, HISTORY_LIMIT_MAX};
+use crate::protocol::{
+    code, encode_deliver, encode_room_deliver, Message, Packet, HISTORY_LIMIT_MAX,
+};
 use crate::session::{Feed, State};
 use crate::store::{self, Account, Op, Outcome, StoredMessage};
 use log::{debug, warn};
@@ -47,21 +49,8 @@ impl Reactor {
         let Ok(recipient) = canonical_username(&recipient) else {
             return self.fail(slot, rid, code::UNKNOWN_RECIPIENT, "no such user");
         };
-        if text.is_empty() {
-            return self.fail(slot, rid, code::EMPTY_TEXT, "a message needs some text");
-        }
-        if text.len() > self.config.max_text {
-            let msg = format!(
-                "text is {} bytes; the limit is {}",
-                text.len(),
-                self.config.max_text
-            );
-            return self.fail(slot, rid, code::TEXT_TOO_LONG, &msg);
-        }
-        let (rate, burst) = (self.config.send_rate, self.config.send_burst);
-        if !self.sessions[slot].take_send_token(self.now, rate, burst) {
-            let msg = format!("sending too fast: at most {rate} messages/s with bursts of {burst}");
-            return self.fail(slot, rid, code::RATE_LIMITED, &msg);
+        if !self.message_allowed(slot, rid, &text) {
+            return;
         }
         let op = Op::StoreMessage {
             sender,
@@ -73,6 +62,31 @@ impl Reactor {
             ticket: self.ticket(slot, rid),
             op,
         });
+    }
+
+    /// The checks every message passes before it is stored ([HB-5.8]): some text, not too much, and within the
+    /// session's rate. False (with the error sent) if it fails one.
+    pub(super) fn message_allowed(&mut self, slot: usize, rid: u32, text: &str) -> bool {
+        if text.is_empty() {
+            self.fail(slot, rid, code::EMPTY_TEXT, "a message needs some text");
+            return false;
+        }
+        if text.len() > self.config.max_text {
+            let msg = format!(
+                "text is {} bytes; the limit is {}",
+                text.len(),
+                self.config.max_text
+            );
+            self.fail(slot, rid, code::TEXT_TOO_LONG, &msg);
+            return false;
+        }
+        let (rate, burst) = (self.config.send_rate, self.config.send_burst);
+        if !self.sessions[slot].take_send_token(self.now, rate, burst) {
+            let msg = format!("sending too fast: at most {rate} messages/s with bursts of {burst}");
+            self.fail(slot, rid, code::RATE_LIMITED, &msg);
+            return false;
+        }
+        true
     }
 
     /// Received: the client has shown everything up to `up_to`; the store raises the user's delivered cursor
@@ -161,7 +175,10 @@ impl Reactor {
                         timestamp_ms: message.timestamp_ms,
                     },
                 );
-                if !duplicate {
+                if duplicate {
+                    self.stats.duplicates += 1;
+                } else {
+                    self.stats.message_stored(self.now);
                     self.route(slot, &message);
                 }
             }
@@ -186,19 +203,18 @@ impl Reactor {
     fn route(&mut self, origin: usize, m: &StoredMessage) {
         let mut frame = std::mem::take(&mut self.frame_scratch);
         frame.clear();
-        encode_deliver(
-            &mut frame,
-            m.id,
-            &m.sender,
-            &m.recipient,
-            m.timestamp_ms,
-            &m.text,
-        );
+        encode_stored(&mut frame, m);
         let mut targets = std::mem::take(&mut self.targets_scratch);
         targets.clear();
-        targets.extend(self.hub.sessions_of(m.recipient_id).iter().map(|s| s.slot));
-        if m.sender_id != m.recipient_id {
-            targets.extend(self.hub.sessions_of(m.sender_id).iter().map(|s| s.slot));
+        match &m.room {
+            // A room message goes to every online member's sessions: the members are in memory ([HB-10.4]).
+            Some((room_id, _)) => self.hub.room_sessions(*room_id, Some(origin), &mut targets),
+            None => {
+                targets.extend(self.hub.sessions_of(m.recipient_id).iter().map(|s| s.slot));
+                if m.sender_id != m.recipient_id {
+                    targets.extend(self.hub.sessions_of(m.sender_id).iter().map(|s| s.slot));
+                }
+            }
         }
         for &target in &targets {
             if target != origin {
@@ -231,13 +247,14 @@ impl Reactor {
             identity.feed = Feed::Behind {
                 page_in_flight: false,
             };
-            self.stats_fallen_back += 1;
+            self.stats.fallen_back += 1;
             // If the output is already below the low-water mark (one huge message), fetch it now.
             self.request_page_if_drained(slot);
             return;
         }
         identity.cursor = id;
         session.output.extend_from_slice(frame);
+        self.stats.delivered += 1;
         self.queue_flush(slot);
     }
 
@@ -344,15 +361,9 @@ impl Reactor {
             if m.id <= identity.cursor {
                 continue;
             }
-            encode_deliver(
-                &mut frame,
-                m.id,
-                &m.sender,
-                &m.recipient,
-                m.timestamp_ms,
-                &m.text,
-            );
+            encode_stored(&mut frame, m);
             identity.cursor = m.id;
+            self.stats.delivered += 1;
         }
         let cursor = identity.cursor;
         identity.feed = if more {
@@ -370,6 +381,14 @@ impl Reactor {
         } else {
             self.send(slot, 0, &Packet::CaughtUp { cursor });
         }
+    }
+}
+
+/// A stored message as the frame that pushes it: RoomDeliver for a room's, Deliver for a direct one.
+fn encode_stored(out: &mut Vec<u8>, m: &StoredMessage) {
+    match &m.room {
+        Some((_, room)) => encode_room_deliver(out, m.id, room, &m.sender, m.timestamp_ms, &m.text),
+        None => encode_deliver(out, m.id, &m.sender, &m.recipient, m.timestamp_ms, &m.text),
     }
 }
 

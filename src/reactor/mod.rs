@@ -19,6 +19,7 @@ mod completions;
 mod messages;
 mod requests;
 mod rooms;
+mod stats;
 
 use crate::auth::{HashDone, HashPool, Throttle};
 use crate::config::Config;
@@ -91,6 +92,29 @@ impl std::fmt::Display for StartError {
 }
 
 impl std::error::Error for StartError {}
+
+/// Reads the open rooms and their members into a new hub, so routing a room message needs no database read
+/// per member. This is the one time the loop's thread waits for the store: before it serves anyone.
+fn load_rooms(store: &StoreHandle, done: &Receiver<store::Done>) -> Result<Hub, StartError> {
+    let failed = |e: String| StartError::Io(io::Error::other(format!("loading rooms: {e}")));
+    store
+        .try_submit(store::Job {
+            ticket: LOOP_TICKET,
+            op: store::Op::LoadRooms,
+        })
+        .map_err(|_| failed("the store did not take the job".into()))?;
+    let answer = done
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|e| failed(e.to_string()))?;
+    let store::Outcome::Rooms(rooms) = answer.outcome else {
+        return Err(failed(format!("unexpected answer {:?}", answer.outcome)));
+    };
+    let mut hub = Hub::default();
+    for (room, members) in rooms {
+        hub.add_room(room.room_id, &room.name, members);
+    }
+    Ok(hub)
+}
 
 /// Stops a running server from any thread: sets a flag and wakes the loop, which then shuts down gracefully.
 #[derive(Clone, Debug)]
@@ -174,6 +198,7 @@ impl Server {
         )
         .map_err(StartError::Hash)?;
 
+        let hub = load_rooms(&store, &store_done)?;
         let now = Instant::now();
         let reactor = Reactor {
             poll,
@@ -184,7 +209,7 @@ impl Server {
             sessions: Slab::new(),
             next_session_id: 1,
             per_ip: HashMap::new(),
-            hub: Hub::default(),
+            hub,
             timers: BinaryHeap::new(),
             store: Some(store),
             store_done,
@@ -213,7 +238,7 @@ impl Server {
             awaiting: Vec::new(),
             frame_scratch: Vec::new(),
             targets_scratch: Vec::new(),
-            stats_fallen_back: 0,
+            stats: stats::Stats::new(now),
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             waker,
             shutdown: None,
@@ -265,6 +290,12 @@ enum Awaiting {
         user: crate::store::UserId,
         token_id: u64,
     },
+    /// Kick: the room and the kicked user's name, for the RoomEvent.
+    Kick { room: String, target: String },
+    /// LeaveRoom: the room's name, for the RoomEvent.
+    Leave { room: String },
+    /// Watch: marks the lookup as a Watch.
+    Watch,
 }
 
 /// Progress of a graceful shutdown.
@@ -326,8 +357,8 @@ struct Reactor {
     /// Reused buffers for routing, so the hot path does not allocate per message.
     frame_scratch: Vec<u8>,
     targets_scratch: Vec<usize>,
-    /// Times a slow reader fell back from live pushes to the feed.
-    stats_fallen_back: u64,
+    /// Counters for Stats and the periodic log line.
+    stats: stats::Stats,
     shutdown_requested: Arc<AtomicBool>,
     waker: Arc<Waker>,
     shutdown: Option<ShuttingDown>,
@@ -355,6 +386,7 @@ impl Reactor {
             self.drain_completions();
             self.continue_reads();
             self.fire_timers();
+            self.log_stats_if_due();
             self.advance_shutdown();
             self.flush_output();
             self.unpark_ready();
@@ -383,6 +415,11 @@ impl Reactor {
         if let Some(s) = &self.shutdown {
             timeout = timeout.min(s.deadline.saturating_duration_since(Instant::now()));
         }
+        timeout = timeout.min(
+            self.stats
+                .next_log
+                .saturating_duration_since(Instant::now()),
+        );
         timeout
     }
 
@@ -701,6 +738,7 @@ impl Reactor {
             match read {
                 Ok(n) => {
                     trace!("read: session {} {n} bytes", self.sessions[slot].id);
+                    self.stats.bytes_in += n as u64;
                     self.take_input(slot, &scratch[..n]);
                     self.scratch = scratch;
                     if !self.may_take_frames(slot) {
@@ -910,6 +948,7 @@ impl Reactor {
                 continue;
             }
             let (status, written) = session.write_out(WRITE_BUDGET_PER_TURN);
+            self.stats.bytes_out += written as u64;
             trace!(
                 "write: session {} {written} bytes, {:?}",
                 session.id,
@@ -1031,7 +1070,10 @@ impl Reactor {
 
     /// A logged-in session ends (disconnect or logout): it leaves the hub.
     fn leave_hub(&mut self, session_id: u64, identity: &Identity) {
-        self.hub.leave(identity.user_id, session_id);
+        self.drop_watches(session_id, &identity.watching);
+        if self.hub.leave(identity.user_id, session_id) {
+            self.went_offline(identity.user_id, &identity.username);
+        }
     }
 }
 
@@ -1052,7 +1094,7 @@ impl Reactor {
         };
         if !progress.store_told && backlog_empty {
             let job = store::Job {
-                ticket: SHUTDOWN_TICKET,
+                ticket: LOOP_TICKET,
                 op: store::Op::Shutdown,
             };
             if let Some(store) = &self.store {
@@ -1117,7 +1159,7 @@ impl Reactor {
             let told = self.shutdown.as_ref().is_some_and(|s| s.store_told);
             if !told {
                 let _ = store.try_submit(store::Job {
-                    ticket: SHUTDOWN_TICKET,
+                    ticket: LOOP_TICKET,
                     op: store::Op::Shutdown,
                 });
             }
@@ -1129,8 +1171,8 @@ impl Reactor {
     }
 }
 
-/// The ticket of jobs the loop makes for itself (no session waits for them).
-const SHUTDOWN_TICKET: crate::session::Ticket = crate::session::Ticket {
+/// The ticket of jobs the loop makes for itself (shutdown, last-seen times): no session waits for them.
+const LOOP_TICKET: crate::session::Ticket = crate::session::Ticket {
     session: 0,
     slot: usize::MAX,
     request_id: 0,

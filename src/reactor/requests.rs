@@ -72,6 +72,7 @@ impl Reactor {
                 before_id,
                 limit,
             } => self.history(slot, rid, peer, before_id, limit),
+            Request::Stats => self.send_stats(slot, rid),
             _ => self.rooms_and_presence(slot, rid, request),
         }
     }
