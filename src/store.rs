@@ -284,6 +284,8 @@ pub enum Outcome {
     },
     /// MarkDelivered: the cursor now in force, and one receipt per sender whose messages it passed.
     Delivered {
+        /// The user whose cursor moved (the name the receipts carry).
+        reader: String,
         cursor: u64,
         receipts: Vec<(
             UserId,
@@ -1441,6 +1443,7 @@ fn mark_delivered(conn: &Connection, user_id: UserId, up_to: u64) -> JobResult<O
     let new = up_to.min(account.max_message_id).max(old);
     if new == old {
         return Ok(Outcome::Delivered {
+            reader: account.username,
             cursor: old,
             receipts: Vec::new(),
         });
@@ -1459,6 +1462,7 @@ fn mark_delivered(conn: &Connection, user_id: UserId, up_to: u64) -> JobResult<O
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Outcome::Delivered {
+        reader: account.username,
         cursor: new,
         receipts,
     })
@@ -2436,7 +2440,9 @@ mod tests {
             user_id: alice,
             up_to,
         }) {
-            Outcome::Delivered { cursor, receipts } => (cursor, receipts),
+            Outcome::Delivered {
+                cursor, receipts, ..
+            } => (cursor, receipts),
             other => panic!("unexpected {other:?}"),
         };
 
@@ -3722,7 +3728,9 @@ mod tests {
             user_id: bob,
             up_to: u64::MAX,
         }) {
-            Outcome::Delivered { cursor, receipts } => {
+            Outcome::Delivered {
+                cursor, receipts, ..
+            } => {
                 assert_eq!(cursor, in_room.id);
                 assert_eq!(receipts, vec![(alice, "alice".to_owned(), dm.id)]);
             }

@@ -34,6 +34,20 @@ impl Reactor {
         Some(self.awaiting.remove(at).1)
     }
 
+    /// Sends a reply to the asking session, if it is still there.
+    pub(super) fn answer(&mut self, slot: Option<usize>, rid: u32, packet: &Packet) {
+        if let Some(slot) = slot {
+            self.send(slot, rid, packet);
+        }
+    }
+
+    /// Sends an Error reply to the asking session, if it is still there.
+    pub(super) fn refuse(&mut self, slot: Option<usize>, rid: u32, code: u16, text: &str) {
+        if let Some(slot) = slot {
+            self.fail(slot, rid, code, text);
+        }
+    }
+
     /// The slot of the session a ticket names, if that session is still open.
     fn live_slot(&self, ticket: &Ticket) -> Option<usize> {
         self.sessions
@@ -147,8 +161,24 @@ impl Reactor {
                 self.close_sessions_of_token(user, token_id);
             }
         }
-        let Some(slot) = self.live_slot(&done.ticket) else {
+        let slot = self.live_slot(&done.ticket);
+        // What the store committed takes effect for everyone else whether or not the asker is still here to
+        // hear the answer (it may have sent the request and hung up in the same breath): only the reply
+        // depends on the asking session.
+        let outcome = match self.on_room_done(slot, done.ticket, done.outcome, awaiting) {
+            Some(other) => other,
+            None => return,
+        };
+        let outcome = match self.on_shared_message_done(slot, done.ticket.request_id, outcome) {
+            Some(other) => other,
+            None => return,
+        };
+        let Some(slot) = slot else {
             return;
+        };
+        let done = store::Done {
+            ticket: done.ticket,
+            outcome,
         };
         let rid = done.ticket.request_id;
         if let Outcome::Failed(e) = &done.outcome {
@@ -196,11 +226,7 @@ impl Reactor {
             }
             Outcome::Revoked(found) => self.revoked(slot, rid, found, revoked_token),
             Outcome::Tokens(list) => self.send_token_list(slot, rid, list),
-            other => {
-                if let Some(other) = self.on_room_done(slot, done.ticket, other, awaiting) {
-                    self.on_message_done(slot, rid, other);
-                }
-            }
+            other => self.on_message_done(slot, rid, other),
         }
     }
 

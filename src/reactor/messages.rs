@@ -163,25 +163,44 @@ impl Reactor {
     // Completions
     // -----------------------------------------------------------------------------------------------------------
 
-    pub(super) fn on_message_done(&mut self, slot: usize, rid: u32, outcome: Outcome) {
+    /// Answers whose effects reach other users — a stored message is routed, delivery receipts go to its
+    /// senders — whether or not the asking session is still open. Returns other outcomes untouched.
+    pub(super) fn on_shared_message_done(
+        &mut self,
+        slot: Option<usize>,
+        rid: u32,
+        outcome: Outcome,
+    ) -> Option<Outcome> {
         match outcome {
             Outcome::Stored { message, duplicate } => {
                 // The original Ack for a resend; nothing is delivered twice ([HB-5.2]).
-                self.send(
-                    slot,
-                    rid,
-                    &Packet::Ack {
-                        message_id: message.id,
-                        timestamp_ms: message.timestamp_ms,
-                    },
-                );
+                let ack = Packet::Ack {
+                    message_id: message.id,
+                    timestamp_ms: message.timestamp_ms,
+                };
+                self.answer(slot, rid, &ack);
                 if duplicate {
                     self.stats.duplicates += 1;
                 } else {
                     self.stats.message_stored(self.now);
                     self.route(slot, &message);
                 }
+                None
             }
+            Outcome::Delivered {
+                reader, receipts, ..
+            } => {
+                self.answer(slot, rid, &Packet::Ok);
+                self.send_delivery_receipts(&reader, receipts);
+                None
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Answers that only mean something to the asking session.
+    pub(super) fn on_message_done(&mut self, slot: usize, rid: u32, outcome: Outcome) {
+        match outcome {
             Outcome::UnknownRecipient => {
                 self.fail(slot, rid, code::UNKNOWN_RECIPIENT, "no such user")
             }
@@ -190,17 +209,13 @@ impl Reactor {
                 let messages = messages.into_iter().map(to_wire).collect();
                 self.send(slot, rid, &Packet::HistoryPage { messages, more });
             }
-            Outcome::Delivered { receipts, .. } => {
-                self.send(slot, rid, &Packet::Ok);
-                self.send_delivery_receipts(slot, receipts);
-            }
             other => warn!("store answer {other:?} does not fit a request; ignored"),
         }
     }
 
     /// Pushes a just-stored message to every live session of the recipient, and to the sender's other sessions
     /// so each device shows the whole conversation. The frame is encoded once and copied into each buffer.
-    fn route(&mut self, origin: usize, m: &StoredMessage) {
+    fn route(&mut self, origin: Option<usize>, m: &StoredMessage) {
         let mut frame = std::mem::take(&mut self.frame_scratch);
         frame.clear();
         encode_stored(&mut frame, m);
@@ -208,7 +223,7 @@ impl Reactor {
         targets.clear();
         match &m.room {
             // A room message goes to every online member's sessions: the members are in memory ([HB-10.4]).
-            Some((room_id, _)) => self.hub.room_sessions(*room_id, Some(origin), &mut targets),
+            Some((room_id, _)) => self.hub.room_sessions(*room_id, origin, &mut targets),
             None => {
                 targets.extend(self.hub.sessions_of(m.recipient_id).iter().map(|s| s.slot));
                 if m.sender_id != m.recipient_id {
@@ -217,7 +232,7 @@ impl Reactor {
             }
         }
         for &target in &targets {
-            if target != origin {
+            if Some(target) != origin {
                 self.push_live(target, m.id, &frame);
             }
         }
@@ -258,13 +273,14 @@ impl Reactor {
         self.queue_flush(slot);
     }
 
-    fn send_delivery_receipts(&mut self, slot: usize, receipts: Vec<(store::UserId, String, u64)>) {
-        let Some(reader) = self.sessions[slot].identity().map(|i| i.username.clone()) else {
-            return;
-        };
+    fn send_delivery_receipts(
+        &mut self,
+        reader: &str,
+        receipts: Vec<(store::UserId, String, u64)>,
+    ) {
         for (sender_id, _, up_to) in receipts {
             let receipt = Packet::DeliveryReceipt {
-                peer: reader.clone(),
+                peer: reader.to_owned(),
                 up_to,
             };
             for target in self.hub.sessions_of(sender_id).to_vec() {

@@ -292,10 +292,12 @@ enum Awaiting {
     },
     /// Kick: the room and the kicked user's name, for the RoomEvent.
     Kick { room: String, target: String },
-    /// LeaveRoom: the room's name, for the RoomEvent.
-    Leave { room: String },
-    /// Watch: marks the lookup as a Watch.
-    Watch,
+    /// CreateRoom, JoinRoom, LeaveRoom: who acts and in which room, for the hub and the RoomEvent.
+    Room {
+        user: crate::store::UserId,
+        username: String,
+        room: String,
+    },
 }
 
 /// Progress of a graceful shutdown.

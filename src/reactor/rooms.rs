@@ -40,8 +40,17 @@ pub(super) fn now_ms() -> u64 {
 impl Reactor {
     /// Requests about rooms, presence and typing (the caller has checked the session is logged in).
     pub(super) fn rooms_and_presence(&mut self, slot: usize, rid: u32, request: Request) {
-        let Some(user_id) = self.sessions[slot].identity().map(|i| i.user_id) else {
+        let Some((user_id, username)) = self.sessions[slot]
+            .identity()
+            .map(|i| (i.user_id, i.username.clone()))
+        else {
             return;
+        };
+        // Who acts, kept for the answer: it must take effect even if this session is gone by then.
+        let actor = |room: &str| Awaiting::Room {
+            user: user_id,
+            username: username.clone(),
+            room: room.to_owned(),
         };
         match request {
             Request::CreateRoom { name, topic } => {
@@ -54,6 +63,7 @@ impl Reactor {
                     return self.fail(slot, rid, code::TEXT_TOO_LONG, &text);
                 }
                 let max_rooms_per_user = self.config.max_rooms_per_user;
+                self.awaiting.push((self.ticket(slot, rid), actor(&name)));
                 self.store_job(
                     slot,
                     rid,
@@ -71,6 +81,7 @@ impl Reactor {
                 };
                 let (max_members, max_rooms_per_user) =
                     (self.config.max_room_members, self.config.max_rooms_per_user);
+                self.awaiting.push((self.ticket(slot, rid), actor(&name)));
                 self.store_job(
                     slot,
                     rid,
@@ -86,10 +97,7 @@ impl Reactor {
                 let Some(name) = self.room_name(slot, rid, &name) else {
                     return;
                 };
-                self.awaiting.push((
-                    self.ticket(slot, rid),
-                    Awaiting::Leave { room: name.clone() },
-                ));
+                self.awaiting.push((self.ticket(slot, rid), actor(&name)));
                 self.store_job(slot, rid, Op::LeaveRoom { user_id, name });
             }
             Request::Kick { room, user } => {
@@ -223,56 +231,59 @@ impl Reactor {
     // Store answers
     // -----------------------------------------------------------------------------------------------------------
 
-    /// Answers to room and presence jobs. Returns the outcome back if it is not one of them.
+    /// Answers to room and presence jobs. Changes of membership take effect (hub, events) whether or not the
+    /// asking session is still open — `slot` is `None` when it is not; only the reply needs it. Returns other
+    /// outcomes untouched.
     pub(super) fn on_room_done(
         &mut self,
-        slot: usize,
+        slot: Option<usize>,
         ticket: Ticket,
         outcome: Outcome,
         awaiting: Option<Awaiting>,
     ) -> Option<Outcome> {
         let rid = ticket.request_id;
-        match outcome {
-            Outcome::RoomCreated(room) => {
-                let user = self.sessions[slot].identity().map(|i| i.user_id);
-                self.hub.add_room(room.room_id, &room.name, user);
-                self.send(slot, rid, &Packet::RoomInfo(wire_room(room)));
+        match (outcome, awaiting) {
+            (Outcome::RoomCreated(room), Some(Awaiting::Room { user, .. })) => {
+                self.hub.add_room(room.room_id, &room.name, [user]);
+                self.answer(slot, rid, &Packet::RoomInfo(wire_room(room)));
             }
-            Outcome::Joined {
-                room,
-                already_member,
-            } => {
-                // A session that logged out meanwhile has nobody to announce: the answer is handled by ignoring it.
-                let (user, name) = self.sessions[slot]
-                    .identity()
-                    .map(|i| (i.user_id, i.username.clone()))?;
+            (
+                Outcome::Joined {
+                    room,
+                    already_member,
+                },
+                Some(Awaiting::Room { user, username, .. }),
+            ) => {
                 if !already_member {
                     self.hub.add_member(room.room_id, user);
-                    self.room_event(room.room_id, &room.name, room_event::JOINED, &name, None);
+                    self.room_event(
+                        room.room_id,
+                        &room.name,
+                        room_event::JOINED,
+                        &username,
+                        None,
+                    );
                 }
-                self.send(slot, rid, &Packet::RoomInfo(wire_room(room)));
+                self.answer(slot, rid, &Packet::RoomInfo(wire_room(room)));
             }
-            Outcome::Left { room_id } => {
-                let room = match awaiting {
-                    Some(Awaiting::Leave { room }) => room,
-                    _ => String::new(),
-                };
-                // A session that logged out meanwhile has nobody to announce: the answer is handled by ignoring it.
-                let (user, name) = self.sessions[slot]
-                    .identity()
-                    .map(|i| (i.user_id, i.username.clone()))?;
-                self.room_event(room_id, &room, room_event::LEFT, &name, Some(user));
+            (
+                Outcome::Left { room_id },
+                Some(Awaiting::Room {
+                    user,
+                    username,
+                    room,
+                }),
+            ) => {
+                self.room_event(room_id, &room, room_event::LEFT, &username, Some(user));
                 self.hub.remove_member(room_id, user);
-                self.send(slot, rid, &Packet::Ok);
+                self.answer(slot, rid, &Packet::Ok);
             }
-            Outcome::Kicked { room_id, target_id } => {
-                if let Some(Awaiting::Kick { room, target }) = awaiting {
-                    self.room_event(room_id, &room, room_event::KICKED, &target, Some(target_id));
-                }
+            (Outcome::Kicked { room_id, target_id }, Some(Awaiting::Kick { room, target })) => {
+                self.room_event(room_id, &room, room_event::KICKED, &target, Some(target_id));
                 self.hub.remove_member(room_id, target_id);
-                self.send(slot, rid, &Packet::Ok);
+                self.answer(slot, rid, &Packet::Ok);
             }
-            Outcome::RoomClosedOk { room_id, members } => {
+            (Outcome::RoomClosedOk { room_id, members }, _) => {
                 let name = self
                     .hub
                     .room(room_id)
@@ -285,13 +296,13 @@ impl Reactor {
                     }
                 }
                 self.hub.remove_room(room_id);
-                self.send(slot, rid, &Packet::Ok);
+                self.answer(slot, rid, &Packet::Ok);
             }
-            Outcome::RoomList { rooms, more } => {
+            (Outcome::RoomList { rooms, more }, _) => {
                 let rooms = rooms.into_iter().map(wire_room).collect();
-                self.send(slot, rid, &Packet::RoomList { rooms, more });
+                self.answer(slot, rid, &Packet::RoomList { rooms, more });
             }
-            Outcome::Members { room, members } => {
+            (Outcome::Members { room, members }, _) => {
                 let members = members
                     .into_iter()
                     .map(|(id, username)| Member {
@@ -299,7 +310,7 @@ impl Reactor {
                         online: self.hub.is_online(id),
                     })
                     .collect();
-                self.send(
+                self.answer(
                     slot,
                     rid,
                     &Packet::RoomMemberList {
@@ -308,34 +319,42 @@ impl Reactor {
                     },
                 );
             }
-            Outcome::Users(found) => self.watched(slot, ticket, found),
-            Outcome::RoomNameTaken => {
-                self.fail(slot, rid, code::ROOM_NAME_TAKEN, "that room name is taken")
+            (Outcome::Users(found), _) => {
+                if let Some(slot) = slot {
+                    self.watched(slot, rid, found);
+                }
             }
-            Outcome::TooManyRooms => {
+            (Outcome::RoomNameTaken, _) => {
+                self.refuse(slot, rid, code::ROOM_NAME_TAKEN, "that room name is taken")
+            }
+            (Outcome::TooManyRooms, _) => {
                 let text = format!(
                     "you are in {} rooms already",
                     self.config.max_rooms_per_user
                 );
-                self.fail(slot, rid, code::TOO_MANY_ROOMS, &text)
+                self.refuse(slot, rid, code::TOO_MANY_ROOMS, &text)
             }
-            Outcome::NoSuchRoom => self.fail(slot, rid, code::NO_SUCH_ROOM, "no such room"),
-            Outcome::RoomIsClosed => self.fail(slot, rid, code::ROOM_CLOSED, "that room is closed"),
-            Outcome::RoomFull => self.fail(slot, rid, code::ROOM_FULL, "that room is full"),
-            Outcome::CannotKickHost => {
-                self.fail(slot, rid, code::NOT_MEMBER, "the host cannot be kicked")
+            (Outcome::NoSuchRoom, _) => self.refuse(slot, rid, code::NO_SUCH_ROOM, "no such room"),
+            (Outcome::RoomIsClosed, _) => {
+                self.refuse(slot, rid, code::ROOM_CLOSED, "that room is closed")
             }
-            Outcome::NotMember => {
-                self.fail(slot, rid, code::NOT_MEMBER, "not a member of that room")
+            (Outcome::RoomFull, _) => self.refuse(slot, rid, code::ROOM_FULL, "that room is full"),
+            (Outcome::CannotKickHost, _) => {
+                self.refuse(slot, rid, code::NOT_MEMBER, "the host cannot be kicked")
             }
-            Outcome::NotHost => self.fail(
+            (Outcome::NotMember, _) => {
+                self.refuse(slot, rid, code::NOT_MEMBER, "not a member of that room")
+            }
+            (Outcome::NotHost, _) => self.refuse(
                 slot,
                 rid,
                 code::NOT_HOST,
                 "only the room's host may do that",
             ),
-            Outcome::NoSuchUser => self.fail(slot, rid, code::UNKNOWN_RECIPIENT, "no such user"),
-            other => return Some(other),
+            (Outcome::NoSuchUser, _) => {
+                self.refuse(slot, rid, code::UNKNOWN_RECIPIENT, "no such user")
+            }
+            (other, _) => return Some(other),
         }
         None
     }
@@ -391,18 +410,11 @@ impl Reactor {
             .into_iter()
             .map(|u| canonical_username(&u).unwrap_or(u))
             .collect();
-        self.awaiting
-            .push((self.ticket(slot, rid), Awaiting::Watch));
         self.store_job(slot, rid, Op::LookupUsers { names });
     }
 
     /// The store resolved the watched names: subscribe, and answer with each one's current status.
-    fn watched(
-        &mut self,
-        slot: usize,
-        ticket: Ticket,
-        found: Vec<(String, Option<(UserId, u64)>)>,
-    ) {
+    fn watched(&mut self, slot: usize, rid: u32, found: Vec<(String, Option<(UserId, u64)>)>) {
         let me = SessionRef {
             id: self.sessions[slot].id,
             slot,
@@ -434,7 +446,7 @@ impl Reactor {
                 last_seen_ms,
             });
         }
-        self.send(slot, ticket.request_id, &Packet::PresenceList(entries));
+        self.send(slot, rid, &Packet::PresenceList(entries));
     }
 
     fn unwatch(&mut self, slot: usize, rid: u32, users: Vec<String>) {
