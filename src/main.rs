@@ -9,6 +9,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = Config::from_args();
+    // A file-size limit (ulimit -f) must make a write fail — which the store reports as a server error and
+    // recovers from — not kill the server with SIGXFSZ.
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGXFSZ, Default::default()) {
+        eprintln!("hubbub: cannot ignore SIGXFSZ: {e}");
+    }
     let server = match Server::bind(config) {
         Ok(server) => server,
         Err(e) => {
