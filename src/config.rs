@@ -302,7 +302,7 @@ struct Cli {
     #[arg(long, env = "HUBBUB_SHUTDOWN_GRACE", default_value = "4s", value_parser = positive_duration)]
     shutdown_grace: Duration,
     /// Most members in one room.
-    #[arg(long, env = "HUBBUB_MAX_ROOM_MEMBERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..=1_000_000))]
+    #[arg(long, env = "HUBBUB_MAX_ROOM_MEMBERS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..=65_535))]
     max_room_members: u32,
     /// Most rooms one user may be a member of.
     #[arg(long, env = "HUBBUB_MAX_ROOMS_PER_USER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]

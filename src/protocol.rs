@@ -29,7 +29,7 @@ pub mod kind {
     pub const HISTORY: u8 = 0x13;
     /// Reserved: an explicit "feed me from id N" for clients that want to re-sync without logging in again.
     pub const SYNC: u8 = 0x14;
-    /// Reserved for rooms (0x20–0x28), presence and typing (0x30–0x32) and stats (0x38).
+    /// Rooms (0x20–0x28), presence and typing (0x30–0x32) and stats (0x38).
     pub const CREATE_ROOM: u8 = 0x20;
     pub const JOIN_ROOM: u8 = 0x21;
     pub const LEAVE_ROOM: u8 = 0x22;
@@ -57,7 +57,7 @@ pub mod kind {
     pub const READ_RECEIPT: u8 = 0x93;
     pub const HISTORY_PAGE: u8 = 0x94;
     pub const CAUGHT_UP: u8 = 0x95;
-    /// Reserved for rooms (0xA0–0xA3), presence and typing (0xB0–0xB1) and stats (0xB8).
+    /// Rooms (0xA0–0xA5), presence and typing (0xB0–0xB2) and stats (0xB8).
     pub const ROOM_EVENT: u8 = 0xA0;
     pub const ROOM_CLOSED: u8 = 0xA1;
     pub const ROOM_LIST: u8 = 0xA2;
@@ -1161,6 +1161,49 @@ mod tests {
                 before_id: 0,
                 limit: 100,
             },
+            Request::CreateRoom {
+                name: "lounge".into(),
+                topic: "tea".into(),
+            },
+            Request::JoinRoom {
+                name: "lounge".into(),
+            },
+            Request::LeaveRoom {
+                name: "lounge".into(),
+            },
+            Request::Kick {
+                room: "lounge".into(),
+                user: "bob".into(),
+            },
+            Request::CloseRoom {
+                name: "lounge".into(),
+            },
+            Request::ListRooms {
+                after: "".into(),
+                limit: 10,
+            },
+            Request::RoomMembers {
+                name: "lounge".into(),
+            },
+            Request::SendRoom {
+                room: "lounge".into(),
+                client_msg_id: 9,
+                text: "hi all".into(),
+            },
+            Request::RoomHistory {
+                room: "lounge".into(),
+                before_id: 5,
+                limit: 3,
+            },
+            Request::Watch {
+                users: vec!["a".into(), "b".into()],
+            },
+            Request::Unwatch { users: vec![] },
+            Request::Typing {
+                room: true,
+                to: "lounge".into(),
+            },
+            Request::Stats,
         ] {
             roundtrip_request(req);
         }
@@ -1168,6 +1211,19 @@ mod tests {
 
     #[test]
     fn every_packet_roundtrips() {
+        let room = RoomInfo {
+            room_id: 1,
+            name: "lounge".into(),
+            topic: "tea".into(),
+            host: "a".into(),
+            member_count: 2,
+            closed: false,
+        };
+        let seen = PresenceEntry {
+            username: "b".into(),
+            state: presence::OFFLINE,
+            last_seen_ms: 77,
+        };
         let m = Message {
             id: 1,
             sender: "a".into(),
@@ -1222,6 +1278,40 @@ mod tests {
                 more: true,
             },
             Packet::CaughtUp { cursor: 8 },
+            Packet::RoomInfo(room.clone()),
+            Packet::RoomList {
+                rooms: vec![room.clone(), room],
+                more: false,
+            },
+            Packet::RoomMemberList {
+                room: "lounge".into(),
+                members: vec![Member {
+                    username: "a".into(),
+                    online: true,
+                }],
+            },
+            Packet::RoomEvent {
+                room: "lounge".into(),
+                event: room_event::KICKED,
+                user: "b".into(),
+            },
+            Packet::RoomClosed {
+                room: "lounge".into(),
+            },
+            Packet::RoomDeliver(RoomMessage {
+                id: 4,
+                room: "lounge".into(),
+                sender: "a".into(),
+                timestamp_ms: 5,
+                text: "t".into(),
+            }),
+            Packet::Presence(seen.clone()),
+            Packet::PresenceList(vec![seen.clone(), seen]),
+            Packet::TypingNotice {
+                from: "a".into(),
+                room: "".into(),
+            },
+            Packet::StatsReply(vec![("connections".into(), 3)]),
             Packet::Shutdown { text: "bye".into() },
         ] {
             roundtrip_packet(p);

@@ -385,8 +385,6 @@ fn expired_token_is_bad_token() {
 
 /// [HB-7.14] a token is valid for `token_ttl` from issue: exactly that, not cut down to whole seconds.
 #[test]
-#[ignore = "bug: token_ttl is cut to whole seconds (reactor/completions.rs on_hash_done passes \
-            token_ttl.as_secs() to Op::IssueToken): a 1.5 s ttl gives 1 s tokens, a sub-second ttl dead ones"]
 fn hb_7_14_token_lifetime_is_the_configured_ttl_to_the_millisecond() {
     let ttl = Duration::from_millis(1500);
     let server = start_with(|c| c.token_ttl = ttl);

@@ -10,14 +10,19 @@
 //! * a whole frame whose body does not decode ([HB-4.1], [HB-1.2]): decoding must fail with exactly that error.
 //!
 //! The test fails on a hex block without a name, a name used twice, a name missing from the table, a table entry
-//! missing from `proto.md`, or a request or packet kind of this version without any vector ([HB-3]).
+//! missing from `proto.md`, or a request or packet kind of this version without any vector ([HB-3]). A last test
+//! asks a real server for its counters and checks that the StatsReply vector and the table of [HB-13] name the
+//! same counters in the same order.
 
+use hubbub::auth::HashParams;
+use hubbub::client::Client;
 use hubbub::config::Config;
 use hubbub::framing::{split_frame, FrameError, HEADER_LEN};
 use hubbub::protocol::{
-    code, is_packet_kind, is_request_kind, kind, DecodeError, Message, Packet, Request, Token,
-    TokenEntry,
+    code, is_packet_kind, is_request_kind, kind, presence, room_event, DecodeError, Member,
+    Message, Packet, PresenceEntry, Request, RoomInfo, RoomMessage, Token, TokenEntry,
 };
+use hubbub::Server;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// What one frame of a vector is.
@@ -90,8 +95,76 @@ fn hello() -> Packet {
     }
 }
 
-/// The request id a refused header carries in bytes 4..8, echoed by the server's Error ([HB-2.6]).
-const GET_REQUEST_ID: u32 = u32::from_be_bytes(*b"/ HT");
+fn room(
+    room_id: u64,
+    name: &str,
+    topic: &str,
+    host: &str,
+    member_count: u32,
+    closed: bool,
+) -> RoomInfo {
+    RoomInfo {
+        room_id,
+        name: s(name),
+        topic: s(topic),
+        host: s(host),
+        member_count,
+        closed,
+    }
+}
+
+fn room_msg(id: u64, room: &str, sender: &str, timestamp_ms: u64, text: &str) -> RoomMessage {
+    RoomMessage {
+        id,
+        room: s(room),
+        sender: s(sender),
+        timestamp_ms,
+        text: s(text),
+    }
+}
+
+fn member(username: &str, online: bool) -> Member {
+    Member {
+        username: s(username),
+        online,
+    }
+}
+
+fn seen(username: &str, state: u8, last_seen_ms: u64) -> PresenceEntry {
+    PresenceEntry {
+        username: s(username),
+        state,
+        last_seen_ms,
+    }
+}
+
+/// The counters of a StatsReply, in the server's order ([HB-13]), with made-up values.
+const STATS: [(&str, u64); 17] = [
+    ("connections", 3),
+    ("users_online", 2),
+    ("messages_stored", 44),
+    ("messages_delivered", 61),
+    ("messages_per_sec_10s", 0),
+    ("store_queue_depth", 0),
+    ("store_backlog", 0),
+    ("commit_batch_size", 1),
+    ("commit_latency_us", 850),
+    ("duplicates_absorbed", 1),
+    ("feed_fallbacks", 0),
+    ("largest_output_bytes", 0),
+    ("bytes_in", 4_096),
+    ("bytes_out", 9_216),
+    ("hash_queue_depth", 0),
+    ("sessions_parked", 0),
+    ("uptime_secs", 3_600),
+];
+
+fn stats_reply() -> Packet {
+    Packet::StatsReply(STATS.iter().map(|(n, v)| (s(n), *v)).collect())
+}
+
+/// A kind number that no client may send: 0x14 (Sync) is reserved ([HB-3]).
+const REFUSED_KIND: u8 = kind::SYNC;
 
 /// NAME → the frames its hex block holds, in order.
 fn vectors() -> Vec<(&'static str, Vec<Expect>)> {
@@ -170,6 +243,113 @@ fn vectors() -> Vec<(&'static str, Vec<Expect>)> {
                 },
             )],
         ),
+        (
+            "create-room",
+            vec![R(
+                20,
+                Request::CreateRoom {
+                    name: s("lounge"),
+                    topic: s("off-topic talk"),
+                },
+            )],
+        ),
+        (
+            "join-room",
+            vec![R(21, Request::JoinRoom { name: s("lounge") })],
+        ),
+        (
+            "leave-room",
+            vec![R(22, Request::LeaveRoom { name: s("lounge") })],
+        ),
+        (
+            "kick",
+            vec![R(
+                23,
+                Request::Kick {
+                    room: s("lounge"),
+                    user: s("carol"),
+                },
+            )],
+        ),
+        (
+            "close-room",
+            vec![R(24, Request::CloseRoom { name: s("lounge") })],
+        ),
+        (
+            "list-rooms",
+            vec![R(
+                25,
+                Request::ListRooms {
+                    after: s(""),
+                    limit: 20,
+                },
+            )],
+        ),
+        (
+            "room-members",
+            vec![R(26, Request::RoomMembers { name: s("lounge") })],
+        ),
+        (
+            "send-room",
+            vec![R(
+                27,
+                Request::SendRoom {
+                    room: s("lounge"),
+                    client_msg_id: 2,
+                    text: s("hello room"),
+                },
+            )],
+        ),
+        (
+            "room-history",
+            vec![R(
+                28,
+                Request::RoomHistory {
+                    room: s("lounge"),
+                    before_id: 0,
+                    limit: 20,
+                },
+            )],
+        ),
+        (
+            "watch",
+            vec![R(
+                30,
+                Request::Watch {
+                    users: vec![s("bob"), s("carol"), s("nobody")],
+                },
+            )],
+        ),
+        (
+            "unwatch",
+            vec![R(
+                31,
+                Request::Unwatch {
+                    users: vec![s("carol")],
+                },
+            )],
+        ),
+        (
+            "typing",
+            vec![R(
+                32,
+                Request::Typing {
+                    room: false,
+                    to: s("bob"),
+                },
+            )],
+        ),
+        (
+            "typing-room",
+            vec![R(
+                33,
+                Request::Typing {
+                    room: true,
+                    to: s("lounge"),
+                },
+            )],
+        ),
+        ("stats", vec![R(34, Request::Stats)]),
         // ---- packets
         ("hello", vec![P(0, hello())]),
         ("pong", vec![P(4, Packet::Pong)]),
@@ -267,6 +447,114 @@ fn vectors() -> Vec<(&'static str, Vec<Expect>)> {
         ),
         ("caught-up", vec![P(0, Packet::CaughtUp { cursor: 43 })]),
         (
+            "room-event",
+            vec![P(
+                0,
+                Packet::RoomEvent {
+                    room: s("lounge"),
+                    event: room_event::JOINED,
+                    user: s("bob"),
+                },
+            )],
+        ),
+        (
+            "room-closed",
+            vec![P(0, Packet::RoomClosed { room: s("lounge") })],
+        ),
+        (
+            "room-list",
+            vec![P(
+                25,
+                Packet::RoomList {
+                    rooms: vec![
+                        room(2, "attic", "", "bob", 2, true),
+                        room(1, "lounge", "off-topic talk", "alice", 3, false),
+                    ],
+                    more: false,
+                },
+            )],
+        ),
+        (
+            "room-member-list",
+            vec![P(
+                26,
+                Packet::RoomMemberList {
+                    room: s("lounge"),
+                    members: vec![
+                        member("alice", true),
+                        member("bob", false),
+                        member("carol", true),
+                    ],
+                },
+            )],
+        ),
+        (
+            "room-info",
+            vec![P(
+                20,
+                Packet::RoomInfo(room(1, "lounge", "off-topic talk", "alice", 1, false)),
+            )],
+        ),
+        (
+            "room-deliver",
+            vec![P(
+                0,
+                Packet::RoomDeliver(room_msg(44, "lounge", "alice", T0 + 6_000, "hello room")),
+            )],
+        ),
+        (
+            "room-history-page",
+            vec![P(
+                28,
+                Packet::HistoryPage {
+                    messages: vec![
+                        msg(44, "alice", "lounge", T0 + 6_000, "hello room"),
+                        msg(40, "carol", "lounge", T0 - 60_000, "first!"),
+                    ],
+                    more: false,
+                },
+            )],
+        ),
+        (
+            "presence",
+            vec![P(
+                0,
+                Packet::Presence(seen("bob", presence::OFFLINE, T0 + 7_000)),
+            )],
+        ),
+        (
+            "typing-notice",
+            vec![P(
+                0,
+                Packet::TypingNotice {
+                    from: s("alice"),
+                    room: s(""),
+                },
+            )],
+        ),
+        (
+            "typing-notice-room",
+            vec![P(
+                0,
+                Packet::TypingNotice {
+                    from: s("alice"),
+                    room: s("lounge"),
+                },
+            )],
+        ),
+        (
+            "presence-list",
+            vec![P(
+                30,
+                Packet::PresenceList(vec![
+                    seen("bob", presence::ONLINE, 0),
+                    seen("carol", presence::OFFLINE, T0 - 3_600_000),
+                    seen("nobody", presence::UNKNOWN, 0),
+                ]),
+            )],
+        ),
+        ("stats-reply", vec![P(34, stats_reply())]),
+        (
             "shutdown",
             vec![P(
                 0,
@@ -304,31 +592,27 @@ fn vectors() -> Vec<(&'static str, Vec<Expect>)> {
         ("bad-magic", vec![Refused(FrameError::BadMagic)]),
         (
             "bad-magic-answer",
-            vec![err(
-                GET_REQUEST_ID,
-                code::BAD_MAGIC,
-                &FrameError::BadMagic.to_string(),
-            )],
+            vec![err(0, code::BAD_MAGIC, &FrameError::BadMagic.to_string())],
         ),
         ("bad-version", vec![Refused(FrameError::BadVersion(2))]),
         (
             "bad-version-answer",
             vec![err(
-                12,
+                0,
                 code::BAD_VERSION,
                 &FrameError::BadVersion(2).to_string(),
             )],
         ),
         (
             "unknown-kind",
-            vec![Refused(FrameError::UnknownKind(kind::CREATE_ROOM))],
+            vec![Refused(FrameError::UnknownKind(REFUSED_KIND))],
         ),
         (
             "unknown-kind-answer",
             vec![err(
                 12,
                 code::UNKNOWN_KIND,
-                &FrameError::UnknownKind(kind::CREATE_ROOM).to_string(),
+                &FrameError::UnknownKind(REFUSED_KIND).to_string(),
             )],
         ),
         (
@@ -410,6 +694,10 @@ fn vectors() -> Vec<(&'static str, Vec<Expect>)> {
                 code::SESSION_REPLACED,
                 "logged in from too many places; this session was closed",
             )],
+        ),
+        (
+            "not-host",
+            vec![err(24, code::NOT_HOST, "only the room's host may do that")],
         ),
         // ---- the transcript
         ("t01-hello", vec![P(0, hello())]),
@@ -512,6 +800,84 @@ fn vectors() -> Vec<(&'static str, Vec<Expect>)> {
         ),
         ("t15-ping", vec![R(4, Request::Ping)]),
         ("t16-pong", vec![P(4, Packet::Pong)]),
+        // ---- a room: alice creates it, bob joins, alice posts
+        (
+            "r01-create-room",
+            vec![R(
+                5,
+                Request::CreateRoom {
+                    name: s("lounge"),
+                    topic: s("off-topic talk"),
+                },
+            )],
+        ),
+        (
+            "r02-room-info",
+            vec![P(
+                5,
+                Packet::RoomInfo(room(1, "lounge", "off-topic talk", "alice", 1, false)),
+            )],
+        ),
+        (
+            "r03-join-room",
+            vec![R(9, Request::JoinRoom { name: s("lounge") })],
+        ),
+        (
+            "r04-room-event",
+            vec![P(
+                0,
+                Packet::RoomEvent {
+                    room: s("lounge"),
+                    event: room_event::JOINED,
+                    user: s("bob"),
+                },
+            )],
+        ),
+        (
+            "r05-room-event-and-info",
+            vec![
+                P(
+                    0,
+                    Packet::RoomEvent {
+                        room: s("lounge"),
+                        event: room_event::JOINED,
+                        user: s("bob"),
+                    },
+                ),
+                P(
+                    9,
+                    Packet::RoomInfo(room(1, "lounge", "off-topic talk", "alice", 2, false)),
+                ),
+            ],
+        ),
+        (
+            "r06-send-room",
+            vec![R(
+                6,
+                Request::SendRoom {
+                    room: s("lounge"),
+                    client_msg_id: 2,
+                    text: s("welcome, bob"),
+                },
+            )],
+        ),
+        (
+            "r07-ack",
+            vec![P(
+                6,
+                Packet::Ack {
+                    message_id: 2,
+                    timestamp_ms: T0 + 60_000,
+                },
+            )],
+        ),
+        (
+            "r08-room-deliver",
+            vec![P(
+                0,
+                Packet::RoomDeliver(room_msg(2, "lounge", "alice", T0 + 60_000, "welcome, bob")),
+            )],
+        ),
     ]
 }
 
@@ -775,5 +1141,50 @@ fn every_kind_and_framing_error_has_a_vector() {
             framing.contains(&std::mem::discriminant(&error)),
             "no vector for {error:?}"
         );
+    }
+}
+
+// [HB-13] the StatsReply vector and the table of [HB-13] name exactly the counters a real server sends, in its
+// order.
+#[test]
+fn stats_vector_and_table_follow_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        db: dir.path().join("hubbub.db"),
+        hash_params: HashParams::TEST,
+        hash_threads: 1,
+        ..Config::default()
+    };
+    let server = Server::bind(config).unwrap().spawn().unwrap();
+    let mut client = Client::connect(server.addr).unwrap();
+    client.register("counter", "password123").unwrap();
+    client.login("counter", "password123", "test", 0).unwrap();
+    let live: Vec<String> = client
+        .stats()
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    drop(client);
+    server.shutdown().unwrap();
+
+    let vector: Vec<String> = STATS.iter().map(|(n, _)| s(n)).collect();
+    assert_eq!(
+        vector, live,
+        "the stats-reply vector is not what the server sends"
+    );
+    let doc = read_doc();
+    let mut last = 0;
+    for name in &live {
+        let row = format!("| `{name}` |");
+        let Some(at) = doc.find(&row) else {
+            panic!("proto.md has no table row for the counter {name:?}")
+        };
+        assert!(
+            at > last,
+            "proto.md lists the counter {name:?} out of order"
+        );
+        last = at;
     }
 }

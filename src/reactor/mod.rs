@@ -885,7 +885,9 @@ impl Reactor {
                 continue;
             }
             if self.may_take_frames(slot) {
+                // Its frames waited on us, not on the client: the idle clock starts again from here.
                 self.sessions[slot].parked = false;
+                self.sessions[slot].last_frame_at = self.now;
                 self.to_read.push(slot);
             } else {
                 self.parked.push(slot);

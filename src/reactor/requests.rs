@@ -122,7 +122,7 @@ impl Reactor {
         };
         // A name that breaks the rules cannot exist: answer exactly as for an unknown user ([HB-7.4]).
         let name = canonical_username(&username).unwrap_or(username);
-        if self.throttled(slot, rid, Some(&name)) {
+        if self.throttled(slot, rid, Some(&name)) || self.hash_queue_full(slot, rid) {
             return;
         }
         let job = store::Job {
@@ -291,6 +291,19 @@ impl Reactor {
                 return;
             }
         }
+    }
+
+    /// Answers SERVER_BUSY at once when the hashing queue is full, before any other work is spent on a login
+    /// that would be refused anyway ([HB-7.8]). True if it was full.
+    fn hash_queue_full(&mut self, slot: usize, rid: u32) -> bool {
+        let full = self
+            .hasher
+            .as_ref()
+            .is_some_and(|h| h.queue_depth() >= self.config.hash_queue);
+        if full {
+            self.fail(slot, rid, code::SERVER_BUSY, "server busy, try again");
+        }
+        full
     }
 
     /// Queues a job for the hashing pool; when its queue is full the client is told "server busy" at once rather

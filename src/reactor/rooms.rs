@@ -419,6 +419,20 @@ impl Reactor {
             id: self.sessions[slot].id,
             slot,
         };
+        // A session that logged out meanwhile watches nobody; pipelined Watches are held to the limit here,
+        // where the subscriptions are made.
+        let Some(watching) = self.sessions[slot].identity().map(|i| i.watching.len()) else {
+            return self.fail(slot, rid, code::NOT_AUTHENTICATED, "log in first");
+        };
+        if watching + found.iter().filter(|(_, user)| user.is_some()).count()
+            > self.config.max_watch
+        {
+            let text = format!(
+                "a session may watch at most {} users",
+                self.config.max_watch
+            );
+            return self.fail(slot, rid, code::TOO_MANY_WATCHES, &text);
+        }
         let mut entries = Vec::with_capacity(found.len());
         for (username, user) in found {
             let Some((user_id, last_seen_ms)) = user else {
@@ -568,6 +582,8 @@ impl Reactor {
             if let Some(peer) = self.hub.online_user(&to) {
                 targets.extend(self.hub.sessions_of(peer).iter().map(|s| s.slot));
             }
+            // Typing to yourself reaches your other devices, not the one typing.
+            targets.retain(|s| *s != slot);
             Packet::TypingNotice {
                 from,
                 room: String::new(),
