@@ -1165,3 +1165,20 @@ fn hb_5_8_rate_limit() {
     let (freed, _) = alice.send_message("bob", 6, "burst 6, again").unwrap();
     assert!(freed > later);
 }
+
+// [HB-5.3] [HB-5.5] A live session's own acknowledged message moves its cursor: Received for the acked id
+// raises the delivered cursor, so a later login from the delivered cursor does not replay the user's own
+// messages to them.
+#[test]
+fn hb_5_3_an_ack_moves_a_live_senders_cursor() {
+    let server = start();
+    register(&server, "bob");
+    let mut alice = online(&server, "alice");
+    let (id, _) = alice.send_message("bob", 1, "mine").unwrap();
+    alice.received(id).unwrap();
+    drop(alice);
+    let mut again = login_at(&server, "alice", "test", 0);
+    let (replayed, cursor) = catch_up(&mut again);
+    assert!(replayed.is_empty(), "own message replayed: {replayed:?}");
+    assert_eq!(cursor, id);
+}

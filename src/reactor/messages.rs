@@ -183,6 +183,7 @@ impl Reactor {
                     self.stats.duplicates += 1;
                 } else {
                     self.stats.message_stored(self.now);
+                    self.advance_sender_cursor(slot, message.id);
                     self.route(slot, &message);
                 }
                 None
@@ -195,6 +196,18 @@ impl Reactor {
                 None
             }
             other => Some(other),
+        }
+    }
+
+    /// A live sending session has been sent everything before its own message (store order: every earlier
+    /// message's completion came first), so its cursor may move past the message it just sent. Then a
+    /// Received for the acked id counts, and a later login does not replay the session's own messages.
+    fn advance_sender_cursor(&mut self, slot: Option<usize>, id: u64) {
+        let Some(State::Ready(identity)) = slot.map(|slot| &mut self.sessions[slot].state) else {
+            return;
+        };
+        if identity.feed == Feed::Live && id > identity.cursor {
+            identity.cursor = id;
         }
     }
 
