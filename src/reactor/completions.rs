@@ -15,6 +15,9 @@ use crate::session::{Feed, Identity, PendingAuth, State, Ticket};
 use crate::store::{self, Account, Op, Outcome};
 use log::{error, info, warn};
 
+/// How long a session waits before asking again for a feed page whose read failed.
+const FEED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Reactor {
     /// Phase 2: take every answer the workers have sent since the last turn.
     pub(super) fn drain_completions(&mut self) {
@@ -184,6 +187,14 @@ impl Reactor {
         if let Outcome::Failed(e) = &done.outcome {
             error!("store failed for session {}: {e}", self.sessions[slot].uuid);
             self.undo_pending(slot, rid);
+            if rid == 0 {
+                // A feed page is the server's own read: nobody asked, so nobody is told; it is retried
+                // shortly (a full disk fails every job of its batch, reads included).
+                let id = self.sessions[slot].id;
+                self.feed_retries
+                    .push((self.now + FEED_RETRY_DELAY, id, slot));
+                return;
+            }
             return self.fail(
                 slot,
                 rid,
@@ -239,7 +250,7 @@ impl Reactor {
             }
             State::Authenticating(_) => {}
             State::Ready(mut identity) => {
-                // A feed page that failed is asked for again at the next flush.
+                // A feed page that failed is asked for again after FEED_RETRY_DELAY.
                 if rid == 0
                     && identity.feed
                         == (Feed::Behind {

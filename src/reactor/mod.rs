@@ -239,6 +239,7 @@ impl Server {
             frame_scratch: Vec::new(),
             targets_scratch: Vec::new(),
             stats: stats::Stats::new(now),
+            feed_retries: Vec::new(),
             shutdown_requested: Arc::new(AtomicBool::new(false)),
             waker,
             shutdown: None,
@@ -361,6 +362,9 @@ struct Reactor {
     targets_scratch: Vec<usize>,
     /// Counters for Stats and the periodic log line.
     stats: stats::Stats,
+    /// Feed pages to ask for again after a failed read: (when, session id, slot). Rare (the database
+    /// failing), so a plain list.
+    feed_retries: Vec<(Instant, u64, usize)>,
     shutdown_requested: Arc<AtomicBool>,
     waker: Arc<Waker>,
     shutdown: Option<ShuttingDown>,
@@ -388,6 +392,7 @@ impl Reactor {
             self.drain_completions();
             self.continue_reads();
             self.fire_timers();
+            self.retry_feed_pages();
             self.log_stats_if_due();
             self.advance_shutdown();
             self.flush_output();
@@ -422,6 +427,9 @@ impl Reactor {
                 .next_log
                 .saturating_duration_since(Instant::now()),
         );
+        if let Some(at) = self.feed_retries.iter().map(|(at, _, _)| *at).min() {
+            timeout = timeout.min(at.saturating_duration_since(Instant::now()));
+        }
         timeout
     }
 
@@ -518,6 +526,30 @@ impl Reactor {
                 ),
             };
             self.fail(slot, 0, code, text);
+        }
+    }
+
+    /// Asks again for the feed pages whose read failed, once their delay is over.
+    fn retry_feed_pages(&mut self) {
+        if self.feed_retries.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let due: Vec<(Instant, u64, usize)> = self
+            .feed_retries
+            .iter()
+            .filter(|(at, _, _)| *at <= now)
+            .copied()
+            .collect();
+        self.feed_retries.retain(|(at, _, _)| *at > now);
+        for (_, id, slot) in due {
+            if self
+                .sessions
+                .get(slot)
+                .is_some_and(|s| s.id == id && !s.is_closing())
+            {
+                self.request_page_if_drained(slot);
+            }
         }
     }
 
