@@ -348,6 +348,19 @@ pub struct HashPool {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Hashing yields to everything else: where the hash threads share a core with the loop (a small box, or a
+/// server pinned to one core) a login storm must not delay the loop's answers. At nice 19 a hash thread gets
+/// the CPU whenever the loop is idle — which is most of the time — and is preempted the moment it is not.
+/// On Linux nice is per thread, so this touches only the calling (hash) thread. Best effort: if the kernel
+/// says no, hashing simply runs at normal priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority takes plain integers and changes only this thread's scheduling priority.
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
 impl HashPool {
     /// Starts `threads` threads named "hubbub-hash-N" (N from 0). Jobs queue in a bounded channel of
     /// `queue_capacity`. `wake` is called after each completion is sent (the loop passes a closure
@@ -388,7 +401,10 @@ impl HashPool {
             };
             let spawned = thread::Builder::new()
                 .name(format!("hubbub-hash-{n}"))
-                .spawn(move || worker.run());
+                .spawn(move || {
+                    lower_priority();
+                    worker.run()
+                });
             match spawned {
                 Ok(handle) => pool.threads.push(handle),
                 Err(e) => {
