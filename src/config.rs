@@ -28,6 +28,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Most connections from one IP address at once.
     pub max_per_ip: usize,
+    /// Connections the kernel queues for us before the loop accepts them (the listen backlog).
+    pub listen_backlog: u32,
     /// A connection that sends no frame for this long is closed. Clients send Ping to stay connected.
     pub idle_timeout: Duration,
     /// A connection that has not logged in after this long is closed.
@@ -88,6 +90,7 @@ impl Default for Config {
             max_frame: 64 * 1024,
             max_connections: 10_000,
             max_per_ip: 64,
+            listen_backlog: 4096,
             idle_timeout: Duration::from_secs(60),
             auth_timeout: Duration::from_secs(10),
             store_queue: 4096,
@@ -232,6 +235,10 @@ struct Cli {
     /// Most connections from one IP address.
     #[arg(long, env = "HUBBUB_MAX_PER_IP", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_per_ip: u64,
+    /// Connections the kernel queues before the server accepts them (listen backlog; the kernel caps it at
+    /// net.core.somaxconn).
+    #[arg(long, env = "HUBBUB_LISTEN_BACKLOG", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    listen_backlog: u32,
     /// Close a connection that sends no frame for this long.
     #[arg(long, env = "HUBBUB_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
     idle_timeout: Duration,
@@ -324,6 +331,7 @@ impl Cli {
             max_frame: self.max_frame,
             max_connections: self.max_connections as usize,
             max_per_ip: self.max_per_ip as usize,
+            listen_backlog: self.listen_backlog,
             idle_timeout: self.idle_timeout,
             auth_timeout: self.auth_timeout,
             store_queue: self.store_queue as usize,

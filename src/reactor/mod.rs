@@ -93,6 +93,23 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// Binds the listening socket with our own backlog. (mio's and std's `bind` listen with 128: a burst of
+/// connections — a classroom logging in at once, a reconnect after a restart — overflows that while the one
+/// loop thread accepts, and the kernel drops the excess, which clients only retry after a second or more.)
+fn bind_listener(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    // A restarted server can bind while connections of the old one linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 /// Reads the open rooms and their members into a new hub, so routing a room message needs no database read
 /// per member. This is the one time the loop's thread waits for the store: before it serves anyone.
 fn load_rooms(store: &StoreHandle, done: &Receiver<store::Done>) -> Result<Hub, StartError> {
@@ -170,8 +187,8 @@ impl Server {
         config.validate().map_err(StartError::Config)?;
         let poll = Poll::new().map_err(StartError::Io)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(StartError::Io)?);
-        let mut listener =
-            TcpListener::bind(config.listen).map_err(|e| StartError::Bind(config.listen, e))?;
+        let mut listener = bind_listener(config.listen, config.listen_backlog)
+            .map_err(|e| StartError::Bind(config.listen, e))?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)
             .map_err(StartError::Io)?;
@@ -804,8 +821,7 @@ impl Reactor {
         }
         if !self.sessions[slot].input.is_empty() {
             let input = std::mem::take(&mut self.sessions[slot].input);
-            let used = self.dispatch_frames(slot, &input);
-            self.keep_tail(slot, &input[used..]);
+            self.dispatch_owned(slot, input);
         }
         if self.may_take_frames(slot) {
             true
@@ -824,22 +840,27 @@ impl Reactor {
         } else {
             let mut input = std::mem::take(&mut self.sessions[slot].input);
             input.extend_from_slice(bytes);
-            let used = self.dispatch_frames(slot, &input);
-            self.keep_tail(slot, &input[used..]);
+            self.dispatch_owned(slot, input);
+        }
+    }
+
+    /// Dispatches from the session's own input buffer and keeps what is left in that same buffer (no new
+    /// allocation per read while a large frame arrives in pieces); an emptied buffer is freed.
+    fn dispatch_owned(&mut self, slot: usize, mut input: Vec<u8>) {
+        let used = self.dispatch_frames(slot, &input);
+        input.drain(..used);
+        let session = &mut self.sessions[slot];
+        if !session.is_closing() && !input.is_empty() {
+            session.input = input;
         }
     }
 
     /// Keeps what did not form a whole frame (or was not dispatched because of a pause) for the next read.
+    /// Called only while the session's own input is empty: the tail is the scratch buffer's.
     fn keep_tail(&mut self, slot: usize, tail: &[u8]) {
         let session = &mut self.sessions[slot];
-        if session.is_closing() {
-            return;
-        }
-        session.input.clear();
-        if tail.is_empty() {
-            session.input = Vec::new();
-        } else {
-            session.input.extend_from_slice(tail);
+        if !session.is_closing() && !tail.is_empty() {
+            session.input = tail.to_vec();
         }
     }
 
