@@ -244,25 +244,35 @@ impl Reactor {
     /// A job failed in the store: put the session back where it was before the request.
     fn undo_pending(&mut self, slot: usize, rid: u32) {
         let session = &mut self.sessions[slot];
-        match std::mem::replace(&mut session.state, State::Connected) {
-            State::Authenticating(PendingAuth::Logout { identity }) => {
-                session.state = State::Ready(identity)
-            }
-            State::Authenticating(_) => {}
-            State::Ready(mut identity) => {
-                // A feed page that failed is asked for again after FEED_RETRY_DELAY.
-                if rid == 0
-                    && identity.feed
-                        == (Feed::Behind {
-                            page_in_flight: true,
-                        })
+        if rid == 0 {
+            // A feed page (the server's own read) failed: whatever the session is doing meanwhile, it no
+            // longer has a page on the way; the page is asked for again after FEED_RETRY_DELAY.
+            if let State::Ready(identity)
+            | State::Authenticating(PendingAuth::Logout { identity }) = &mut session.state
+            {
+                if identity.feed
+                    == (Feed::Behind {
+                        page_in_flight: true,
+                    })
                 {
                     identity.feed = Feed::Behind {
                         page_in_flight: false,
                     };
                 }
-                session.state = State::Ready(identity);
             }
+            return;
+        }
+        match std::mem::replace(&mut session.state, State::Connected) {
+            State::Authenticating(PendingAuth::Logout { mut identity }) => {
+                // Still logged in. Live pushes and pages skipped it while the Logout was pending, so it
+                // catches up from its cursor: the feed brings exactly what it missed.
+                identity.feed = Feed::Behind {
+                    page_in_flight: false,
+                };
+                session.state = State::Ready(identity);
+                self.request_page_if_drained(slot);
+            }
+            State::Authenticating(_) => {}
             other => session.state = other,
         }
     }

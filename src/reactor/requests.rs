@@ -329,5 +329,6 @@ impl Reactor {
     }
 }
 
-pub(super) const USERNAME_RULE: &str = "usernames are 3-32 characters of a-z 0-9 _ . -";
+pub(super) const USERNAME_RULE: &str =
+    "usernames are 3-32 characters of a-z 0-9 _ . - (capitals are accepted and folded to lowercase)";
 pub(super) const PASSWORD_RULE: &str = "passwords are 8-1024 bytes";

@@ -220,7 +220,7 @@ impl Reactor {
                     slot,
                     rid,
                     code::INVALID_ROOM_NAME,
-                    "room names are 3-32 characters of a-z 0-9 _ . -",
+                    "room names are 3-32 characters of a-z 0-9 _ . - (capitals are accepted and folded to lowercase)",
                 );
                 None
             }
