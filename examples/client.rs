@@ -40,24 +40,23 @@
 //!   (so two devices of one user never collide, [HB-5.2]) and the counter is saved *before* each Send, so a
 //!   restart never reuses an id.
 //!
-//! Design: after login, one thread reads frames from a clone of the socket and prints every push and reply as a
-//! line; it also sends `Received(up_to)` for what it has printed (after CaughtUp, then every few messages or
-//! seconds) and a Ping every `idle_timeout / 3` of quiet. The main thread reads stdin and sends requests. When
+//! Design: after login, `Client::split` gives the connection's reading half to one thread, which prints every
+//! push and reply as a line (starting with whatever arrived with the login); it also sends `Received(up_to)` for
+//! what it has printed (after CaughtUp, then every few messages or seconds) and a Ping every `idle_timeout / 3`
+//! of quiet. The main thread reads stdin and sends requests through the writing half, shared behind a mutex. When
 //! stdin is not a terminal no prompt is printed and stdout is flushed after each line, so scripts and tests can
 //! drive it. Exit status: 0 after `/quit` or end of input, 1 when the login fails or the connection is lost, 2 for
 //! bad arguments, 130 after SIGINT/SIGTERM (which still save the state first).
 
 use clap::Parser;
-use hubbub::client::{Client, ClientError, LoginInfo};
-use hubbub::framing::split_frame;
+use hubbub::client::{Client, ClientError, FrameReader, LoginInfo, RequestWriter};
 use hubbub::protocol::{
-    code, is_packet_kind, presence, room_event, Member, Message, Packet, PresenceEntry, Request,
-    RoomInfo, RoomMessage, Token, DEVICE_MAX, HISTORY_LIMIT_MAX,
+    code, presence, room_event, Member, Message, Packet, PresenceEntry, Request, RoomInfo,
+    RoomMessage, Token, DEVICE_MAX, HISTORY_LIMIT_MAX,
 };
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, BufRead, IsTerminal, Read, Write};
-use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,8 +77,6 @@ const RECEIPT_DELAY: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(200);
 /// A write that cannot finish in this time means the connection is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest frame body accepted from the server.
-const MAX_INCOMING: u32 = 16 * 1024 * 1024;
 /// Messages `/history` shows when no count is given.
 const HISTORY_DEFAULT: u16 = 20;
 /// Rooms one `/rooms` asks for.
@@ -559,7 +556,6 @@ struct Session {
     me: String,
     saved: Saved,
     path: PathBuf,
-    next_request_id: u32,
     pending: HashMap<u32, Pending>,
     current: Option<Target>,
     /// Seen CaughtUp: new messages now arrive live.
@@ -578,7 +574,7 @@ struct Session {
 }
 
 struct Writer {
-    stream: TcpStream,
+    requests: RequestWriter,
     last_sent: Instant,
 }
 
@@ -597,27 +593,29 @@ impl Shared {
 
     /// Sends a request and remembers what it was for; false (with a line said) if it could not be written.
     fn send(&self, request: Request, pending: Pending) -> bool {
-        let rid = {
+        // Holding the writer, the next request id is this request's: it is recorded before the request is
+        // written, so the reply finds it even when it arrives before the write returns.
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let rid = w.requests.next_request_id();
+        {
             let mut s = self.lock();
             if s.closed {
                 say("! not connected");
                 return false;
             }
-            let rid = s.next_request_id;
-            s.next_request_id = s.next_request_id.checked_add(1).unwrap_or(1);
             s.pending.insert(rid, pending);
-            rid
-        };
-        let mut frame = Vec::with_capacity(64);
-        request.encode(rid, &mut frame);
-        let written = {
-            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.last_sent = Instant::now();
-            w.stream.write_all(&frame)
-        };
+        }
+        w.last_sent = Instant::now();
+        let written = w.requests.send_request(&request);
+        drop(w);
         if let Err(e) = written {
             self.lock().pending.remove(&rid);
-            say(format!("! could not send: {e}"));
+            let why = match e {
+                ClientError::Io(e) => e.to_string(),
+                ClientError::Timeout => "the write timed out".into(),
+                other => other.to_string(),
+            };
+            say(format!("! could not send: {why}"));
             return false;
         }
         true
@@ -1065,46 +1063,24 @@ fn tick(shared: &Shared, ping_every: Option<Duration>) {
     }
 }
 
-fn read_loop(
-    shared: Arc<Shared>,
-    mut stream: TcpStream,
-    early: Vec<Packet>,
-    ping_every: Option<Duration>,
-) {
-    for packet in early {
-        handle(&shared, 0, packet);
-    }
-    let mut input: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    let why = 'conn: loop {
-        loop {
-            let (rid, used, decoded) = match split_frame(&input, MAX_INCOMING, is_packet_kind) {
-                Ok(None) => break,
-                Ok(Some(frame)) => (
-                    frame.header.request_id,
-                    frame.len,
-                    Packet::decode(&frame.header, frame.body),
-                ),
-                Err(e) => break 'conn format!("the server sent a bad frame: {e}"),
-            };
-            input.drain(..used);
-            match decoded {
-                Ok(packet) => handle(&shared, rid, packet),
-                Err(e) => say(format!("? an answer from the server did not decode: {e}")),
+fn read_loop(shared: Arc<Shared>, mut reader: FrameReader, ping_every: Option<Duration>) {
+    let why = loop {
+        // Every frame already read first; then the timers; then wait up to a tick for more.
+        let next = match reader.recv(Duration::ZERO) {
+            Err(ClientError::Timeout) => {
+                tick(&shared, ping_every);
+                reader.recv(TICK)
             }
-        }
-        tick(&shared, ping_every);
-        match stream.read(&mut chunk) {
-            Ok(0) => break "the server closed the connection".to_owned(),
-            Ok(n) => input.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => break format!("connection error: {e}"),
+            next => next,
+        };
+        match next {
+            Ok((rid, packet)) => handle(&shared, rid, packet),
+            Err(ClientError::Timeout) => {}
+            Err(ClientError::Undecodable { reason, .. }) => say(format!(
+                "? an answer from the server did not decode: {reason}"
+            )),
+            Err(ClientError::Protocol(e)) => break format!("the server sent a bad frame: {e}"),
+            Err(e) => break e.to_string(),
         }
     };
     connection_lost(&shared, &why);
@@ -1180,7 +1156,7 @@ fn finish(shared: &Shared) -> bool {
     }
     shared.lock().save();
     let w = shared.writer.lock().unwrap_or_else(|e| e.into_inner());
-    let _ = w.stream.shutdown(Shutdown::Both);
+    let _ = w.requests.shutdown();
     true
 }
 
@@ -1515,7 +1491,7 @@ fn run(args: Args) -> Result<i32, String> {
     if args.register || saved.token.is_none() {
         passwords.get()?;
     }
-    let (mut client, info, resumed) = log_in(&args, &mut saved, &mut passwords)?;
+    let (client, info, resumed) = log_in(&args, &mut saved, &mut passwords)?;
     saved.user = info.username.clone();
     saved.token = Some(info.token);
     if let Err(e) = saved.save(&path) {
@@ -1536,30 +1512,17 @@ fn run(args: Args) -> Result<i32, String> {
         saved.device
     ));
 
-    // Frames that arrived with LoginOk wait in the library's buffer: take them before handing the socket over.
-    let mut early = Vec::new();
-    loop {
-        match client.next_push(Duration::ZERO) {
-            Ok(packet) => early.push(packet),
-            Err(ClientError::Timeout) => break,
-            Err(e) => return Err(describe(e)),
-        }
-    }
     let idle = client.hello().idle_timeout_ms;
     let ping_every = (idle > 0).then(|| Duration::from_millis(u64::from(idle / 3).max(100)));
-    let clone = |c: &Client| {
-        c.stream()
-            .try_clone()
-            .map_err(|e| format!("cannot use the connection: {e}"))
-    };
-    let (writer, reader) = (clone(&client)?, clone(&client)?);
-    drop(client);
-    writer
+    // The write timeout is the socket's, so it holds for the writing half too.
+    client
+        .stream()
         .set_write_timeout(Some(WRITE_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    reader
-        .set_read_timeout(Some(TICK))
-        .map_err(|e| e.to_string())?;
+    // Frames that arrived with LoginOk come first out of the reading half.
+    let (reader, requests) = client
+        .split()
+        .map_err(|e| format!("cannot use the connection: {}", describe(e)))?;
 
     let last_seen = saved.last_seen;
     let shared = Arc::new(Shared {
@@ -1567,7 +1530,6 @@ fn run(args: Args) -> Result<i32, String> {
             me: info.username.clone(),
             saved,
             path,
-            next_request_id: 1,
             pending: HashMap::new(),
             current: None,
             live: false,
@@ -1582,7 +1544,7 @@ fn run(args: Args) -> Result<i32, String> {
         }),
         changed: Condvar::new(),
         writer: Mutex::new(Writer {
-            stream: writer,
+            requests,
             last_sent: Instant::now(),
         }),
         quitting: AtomicBool::new(false),
@@ -1592,7 +1554,7 @@ fn run(args: Args) -> Result<i32, String> {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("reader".into())
-            .spawn(move || read_loop(shared, reader, early, ping_every))
+            .spawn(move || read_loop(shared, reader, ping_every))
             .map_err(|e| format!("cannot start the reader thread: {e}"))?;
     }
 

@@ -4,16 +4,21 @@
 //! the server's pushes (request id 0) in arrival order for `next_push`. Tests, examples and the load generator
 //! all speak the protocol through it, so there is one client implementation to keep right.
 //!
+//! A `Client` reads and writes through `&mut self`, which suits request-then-reply use on one thread. A program
+//! that must read while it writes (the CLI prints pushes while its user types) calls `Client::split` once logged
+//! in: a `FrameReader` for one thread and a `RequestWriter` for another, over the same socket, still with one
+//! frame-reading loop (`read_frame`) and one request encoder (`write_request`) in this file.
+//!
 //! Must not: be used on the server's loop thread (it blocks), or hide a server Error: every Error frame becomes
 //! `ClientError::Server` with its code and text.
 
-use crate::framing::{split_frame, Frame, Header};
+use crate::framing::{split_frame, Frame};
 use crate::protocol::{
     is_packet_kind, Member, Message, Packet, PresenceEntry, Request, RoomInfo, Token, TokenEntry,
 };
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 /// How long typed calls wait for their reply.
@@ -38,6 +43,12 @@ pub enum ClientError {
     },
     /// The server answered with a packet the call did not expect.
     Unexpected(Packet),
+    /// A whole frame arrived but its body did not decode as the packet its kind names. The frame has been
+    /// consumed, so the connection can go on (unlike `Protocol`, after which the input cannot be framed).
+    Undecodable {
+        request_id: u32,
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for ClientError {
@@ -49,6 +60,9 @@ impl std::fmt::Display for ClientError {
             ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
             ClientError::Server { code, text } => write!(f, "server error {code}: {text}"),
             ClientError::Unexpected(p) => write!(f, "unexpected answer: {p:?}"),
+            ClientError::Undecodable { request_id, reason } => {
+                write!(f, "undecodable frame (request id {request_id}): {reason}")
+            }
         }
     }
 }
@@ -90,13 +104,59 @@ pub struct LoginInfo {
 #[derive(Debug)]
 pub struct Client {
     stream: TcpStream,
+    /// Bytes read but not yet a whole frame.
     input: Vec<u8>,
     next_request_id: u32,
-    /// Server pushes not yet taken by `next_push`, in arrival order.
-    pushes: VecDeque<Packet>,
-    /// Replies that arrived while waiting for another request's reply (pipelined calls).
-    replies: VecDeque<(u32, Packet)>,
+    /// Frames read while waiting for something else.
+    stash: Stash,
     hello: Hello,
+}
+
+/// Frames read while waiting for something else: server pushes not yet taken by `next_push`, and replies that
+/// arrived while waiting for another request's reply (pipelined calls). Each carries its arrival number, so
+/// that `Client::split` can hand them over in the order they came.
+#[derive(Debug, Default)]
+struct Stash {
+    pushes: VecDeque<(u64, Packet)>,
+    replies: VecDeque<(u64, u32, Packet)>,
+    arrivals: u64,
+}
+
+impl Stash {
+    fn keep(&mut self, rid: u32, packet: Packet) {
+        let n = self.arrivals;
+        self.arrivals += 1;
+        if rid == 0 {
+            self.pushes.push_back((n, packet));
+        } else {
+            self.replies.push_back((n, rid, packet));
+        }
+    }
+
+    fn take_push(&mut self) -> Option<Packet> {
+        self.pushes.pop_front().map(|(_, p)| p)
+    }
+
+    fn take_reply(&mut self) -> Option<(u32, Packet)> {
+        self.replies.pop_front().map(|(_, rid, p)| (rid, p))
+    }
+
+    fn take_reply_to(&mut self, id: u32) -> Option<Packet> {
+        let at = self.replies.iter().position(|(_, rid, _)| *rid == id)?;
+        self.replies.remove(at).map(|(_, _, p)| p)
+    }
+
+    /// Everything kept, pushes and replies together, in arrival order.
+    fn into_arrival_order(self) -> VecDeque<(u32, Packet)> {
+        let mut all: Vec<(u64, u32, Packet)> = self
+            .pushes
+            .into_iter()
+            .map(|(n, p)| (n, 0, p))
+            .chain(self.replies)
+            .collect();
+        all.sort_unstable_by_key(|(n, _, _)| *n);
+        all.into_iter().map(|(_, rid, p)| (rid, p)).collect()
+    }
 }
 
 impl Client {
@@ -113,8 +173,7 @@ impl Client {
             stream,
             input: Vec::with_capacity(4096),
             next_request_id: 1,
-            pushes: VecDeque::new(),
-            replies: VecDeque::new(),
+            stash: Stash::default(),
             hello: Hello {
                 connection_id: [0; 16],
                 server_version: String::new(),
@@ -159,12 +218,7 @@ impl Client {
 
     /// Sends a request without waiting; returns its request id.
     pub fn send_request(&mut self, request: &Request) -> Result<u32> {
-        let id = self.next_request_id;
-        self.next_request_id = self.next_request_id.checked_add(1).unwrap_or(1);
-        let mut frame = Vec::with_capacity(64);
-        request.encode(id, &mut frame);
-        self.stream.write_all(&frame)?;
-        Ok(id)
+        write_request(&self.stream, &mut self.next_request_id, request)
     }
 
     /// Writes raw bytes (for tests of hostile input).
@@ -173,57 +227,37 @@ impl Client {
         Ok(())
     }
 
-    /// Reads the next frame off the socket, whatever it is.
+    /// Reads the next frame off the socket, whatever it is. Frames already kept for `next_push`, `next_reply`
+    /// or `wait_reply` stay there.
     pub fn recv(&mut self, timeout: Duration) -> Result<(u32, Packet)> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((header, packet, used)) = self.parse_buffered()? {
-                self.input.drain(..used);
-                return Ok((header.request_id, packet));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ClientError::Timeout);
-            }
-            self.stream.set_read_timeout(Some(left))?;
-            let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(ClientError::Closed),
-                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Err(ClientError::Closed)
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        read_frame(&self.stream, &mut self.input, timeout)
     }
 
-    fn parse_buffered(&self) -> Result<Option<(Header, Packet, usize)>> {
-        match split_frame(&self.input, MAX_INCOMING, is_packet_kind) {
-            Ok(None) => Ok(None),
-            Ok(Some(Frame {
-                header,
-                body,
-                len: used,
-            })) => {
-                let packet = Packet::decode(&header, body)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                Ok(Some((header, packet, used)))
-            }
-            Err(e) => Err(ClientError::Protocol(e.to_string())),
-        }
+    /// Splits the connection into a reading half and a writing half that can live on two threads.
+    ///
+    /// Why: `recv` and the typed calls need `&mut self`, so one thread cannot wait for pushes while another
+    /// sends requests. A program that must do both (the CLI prints messages while its user types) logs in
+    /// with the typed calls, then splits. The `FrameReader` takes the unparsed input and every push and reply
+    /// already kept, and gives them out first, in arrival order, so nothing received before the split is lost.
+    /// The `RequestWriter` writes on a `try_clone` of the socket and carries on the request-id counter, so its
+    /// ids never repeat one used before the split. Socket options (timeouts, `shutdown`) are shared by both.
+    pub fn split(self) -> Result<(FrameReader, RequestWriter)> {
+        let writer = RequestWriter {
+            stream: self.stream.try_clone()?,
+            next_request_id: self.next_request_id,
+        };
+        let reader = FrameReader {
+            stream: self.stream,
+            input: self.input,
+            queued: self.stash.into_arrival_order(),
+        };
+        Ok((reader, writer))
     }
 
     /// Waits for the reply to request `id`, keeping pushes and other replies for later.
     pub fn wait_reply(&mut self, id: u32, timeout: Duration) -> Result<Packet> {
-        if let Some(at) = self.replies.iter().position(|(rid, _)| *rid == id) {
-            return into_result(
-                self.replies
-                    .remove(at)
-                    .map(|(_, p)| p)
-                    .ok_or(ClientError::Timeout)?,
-            );
+        if let Some(packet) = self.stash.take_reply_to(id) {
+            return into_result(packet);
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -231,13 +265,13 @@ impl Client {
             if rid == id {
                 return into_result(packet);
             }
-            self.stash(rid, packet);
+            self.stash.keep(rid, packet);
         }
     }
 
     /// Waits for the next server push (request id 0): Deliver, receipts, CaughtUp, Shutdown, closing Errors.
     pub fn next_push(&mut self, timeout: Duration) -> Result<Packet> {
-        if let Some(p) = self.pushes.pop_front() {
+        if let Some(p) = self.stash.take_push() {
             return Ok(p);
         }
         let deadline = Instant::now() + timeout;
@@ -246,13 +280,13 @@ impl Client {
             if rid == 0 {
                 return Ok(packet);
             }
-            self.stash(rid, packet);
+            self.stash.keep(rid, packet);
         }
     }
 
     /// Takes the next reply to any request (for pipelined senders), keeping pushes for `next_push`.
     pub fn next_reply(&mut self, timeout: Duration) -> Result<(u32, Packet)> {
-        if let Some(r) = self.replies.pop_front() {
+        if let Some(r) = self.stash.take_reply() {
             return Ok(r);
         }
         let deadline = Instant::now() + timeout;
@@ -261,15 +295,7 @@ impl Client {
             if rid != 0 {
                 return Ok((rid, packet));
             }
-            self.pushes.push_back(packet);
-        }
-    }
-
-    fn stash(&mut self, rid: u32, packet: Packet) {
-        if rid == 0 {
-            self.pushes.push_back(packet);
-        } else {
-            self.replies.push_back((rid, packet));
+            self.stash.keep(0, packet);
         }
     }
 
@@ -509,6 +535,121 @@ impl Client {
                 _ => continue,
             }
         }
+    }
+}
+
+/// The reading half of a split `Client` (see `Client::split`): everything the server sends, pushes and replies
+/// alike, in arrival order.
+#[derive(Debug)]
+pub struct FrameReader {
+    stream: TcpStream,
+    input: Vec<u8>,
+    /// Frames the `Client` had read and kept before the split, in arrival order; given out first.
+    queued: VecDeque<(u32, Packet)>,
+}
+
+impl FrameReader {
+    /// The next frame, whatever it is: (request id, packet), the id 0 for a push. Frames received before the
+    /// split come first. With a zero timeout it only parses what has already been read and never waits.
+    /// `Err(Undecodable)` skips one bad frame and the reader can go on; `Closed`, `Io` and `Protocol` end it.
+    pub fn recv(&mut self, timeout: Duration) -> Result<(u32, Packet)> {
+        if let Some(frame) = self.queued.pop_front() {
+            return Ok(frame);
+        }
+        read_frame(&self.stream, &mut self.input, timeout)
+    }
+}
+
+/// The writing half of a split `Client` (see `Client::split`). Replies to its requests arrive on the
+/// `FrameReader`, with the ids `send_request` returned.
+#[derive(Debug)]
+pub struct RequestWriter {
+    stream: TcpStream,
+    next_request_id: u32,
+}
+
+impl RequestWriter {
+    /// The id the next `send_request` will use: a caller that shares this writer records what the request is
+    /// for under that id before sending, so the reply, which may arrive before `send_request` returns, finds it.
+    pub fn next_request_id(&self) -> u32 {
+        self.next_request_id
+    }
+
+    /// Sends a request without waiting; returns its request id.
+    pub fn send_request(&mut self, request: &Request) -> Result<u32> {
+        write_request(&self.stream, &mut self.next_request_id, request)
+    }
+
+    /// Writes raw bytes (for tests of hostile input).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes)?;
+        Ok(())
+    }
+
+    /// Shuts the connection down both ways: the `FrameReader` then sees `Closed`.
+    pub fn shutdown(&self) -> Result<()> {
+        self.stream.shutdown(Shutdown::Both)?;
+        Ok(())
+    }
+}
+
+/// Encodes `request` with the next request id (ids wrap past `u32::MAX` to 1; 0 is for the server's pushes) and
+/// writes it; returns the id. The one request writer, for `Client` and `RequestWriter`.
+fn write_request(mut stream: &TcpStream, next_id: &mut u32, request: &Request) -> Result<u32> {
+    let id = *next_id;
+    *next_id = next_id.checked_add(1).unwrap_or(1);
+    let mut frame = Vec::with_capacity(64);
+    request.encode(id, &mut frame);
+    stream.write_all(&frame)?;
+    Ok(id)
+}
+
+/// The one frame-reading loop, for `Client::recv` and `FrameReader::recv`: takes the next whole frame from
+/// `input`, reading more from `stream` until `timeout` passes.
+fn read_frame(
+    mut stream: &TcpStream,
+    input: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<(u32, Packet)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(frame) = take_frame(input)? {
+            return Ok(frame);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ClientError::Timeout);
+        }
+        stream.set_read_timeout(Some(left))?;
+        let mut chunk = [0u8; 16 * 1024];
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err(ClientError::Closed),
+            Ok(n) => input.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(ClientError::Closed)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The first whole frame in `input`, removed from it, if there is one. A frame that does not decode is
+/// removed too (`Undecodable`); input that cannot be framed stays (`Protocol`, and every later call says so).
+fn take_frame(input: &mut Vec<u8>) -> Result<Option<(u32, Packet)>> {
+    let (request_id, used, decoded) = match split_frame(input, MAX_INCOMING, is_packet_kind) {
+        Ok(None) => return Ok(None),
+        Ok(Some(Frame { header, body, len })) => (
+            header.request_id,
+            len,
+            Packet::decode(&header, body).map_err(|e| e.to_string()),
+        ),
+        Err(e) => return Err(ClientError::Protocol(e.to_string())),
+    };
+    input.drain(..used);
+    match decoded {
+        Ok(packet) => Ok(Some((request_id, packet))),
+        Err(reason) => Err(ClientError::Undecodable { request_id, reason }),
     }
 }
 
