@@ -2,8 +2,8 @@
 //!
 //! This module owns the SQLite connection, the schema and its migrations, and group commit. All
 //! database work happens on one dedicated thread ("hubbub-store"): jobs arrive over a bounded
-//! channel, queued jobs are run together in one transaction (each job inside its own savepoint),
-//! and completions are sent back only after that transaction committed, followed by one call to
+//! channel, queued jobs are run together in one transaction (a job that writes more than once
+//! inside its own savepoint), and completions are sent back only after that transaction committed, followed by one call to
 //! the `wake` callback so the reactor notices them.
 //!
 //! What it must not do: the reactor thread never calls into this module except through
@@ -15,6 +15,7 @@
 //! never ends the thread: the affected jobs answer [`Outcome::Failed`] and later jobs are tried
 //! afresh, so the server recovers on its own once the disk is writable or has space again.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
@@ -463,14 +464,20 @@ const MIGRATIONS: &[Migration] = &[
                 CHECK ((recipient_id IS NULL) <> (room_id IS NULL))
             );
             -- The feed is three range scans, one per index; each also answers max(id) per user.
-            -- room_id sits before id so that the direct messages a user sent (room_id IS NULL)
-            -- are one range, without their room messages, which the room branch returns.
-            CREATE INDEX messages_by_sender ON messages(sender_id, room_id, id);
-            CREATE INDEX messages_by_recipient ON messages(recipient_id, id);
+            -- Each index is partial, holding only the kind of message it is read for, so storing
+            -- a message updates only the indexes that kind is read through: a direct message
+            -- skips messages_by_room, a room message the three direct-message indexes. A query
+            -- uses a partial index only when its WHERE implies the index's: `recipient_id = ?`
+            -- and `room_id = ?` imply IS NOT NULL on their own; the sender branch says
+            -- `room_id IS NULL` (its room messages come from the room branch).
+            CREATE INDEX messages_by_sender ON messages(sender_id, id) WHERE room_id IS NULL;
+            CREATE INDEX messages_by_recipient ON messages(recipient_id, id)
+                WHERE recipient_id IS NOT NULL;
             -- A room's messages in order: the feed's room branch and room history.
-            CREATE INDEX messages_by_room ON messages(room_id, id);
+            CREATE INDEX messages_by_room ON messages(room_id, id) WHERE room_id IS NOT NULL;
             -- History walks one direction of a conversation backwards from a cursor.
-            CREATE INDEX messages_by_pair ON messages(sender_id, recipient_id, id);
+            CREATE INDEX messages_by_pair ON messages(sender_id, recipient_id, id)
+                WHERE recipient_id IS NOT NULL;
         ",
     },
     Migration {
@@ -500,6 +507,9 @@ const MIGRATIONS: &[Migration] = &[
 /// before the job fails. Tests shorten it so lock failures show quickly.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 5000 });
 
+/// Most memory SQLite's page cache may use, in KiB.
+const PAGE_CACHE_KIB: i64 = 16 * 1024;
+
 /// Room for every distinct statement below, so none is ever re-prepared.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
@@ -522,12 +532,12 @@ impl StoreHandle {
         config: StoreConfig,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<(StoreHandle, Receiver<Done>), StoreError> {
-        let conn = open_database(&config)?;
+        let db = open_database(&config)?;
         let (job_tx, job_rx) = mpsc::sync_channel(config.queue_capacity.max(1));
         let (done_tx, done_rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let worker = Worker {
-            conn,
+            db,
             jobs: job_rx,
             done: done_tx,
             wake,
@@ -607,7 +617,7 @@ fn unpack_commit(packed: u64) -> (usize, u64) {
 // Opening and migrating
 
 /// Opens, configures and migrates the database. Runs on the caller's thread at startup.
-fn open_database(config: &StoreConfig) -> Result<Connection, StoreError> {
+fn open_database(config: &StoreConfig) -> Result<Db, StoreError> {
     let path = config.path.as_path();
     let open_error = |e: rusqlite::Error| {
         StoreError::Open(format!("cannot open database {}: {e}", path.display()))
@@ -626,7 +636,10 @@ fn open_database(config: &StoreConfig) -> Result<Connection, StoreError> {
     configure(&conn, config.sync).map_err(open_error)?;
     migrate(&mut conn, found, path)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-    Ok(conn)
+    Ok(Db {
+        conn,
+        users: UserCache::default(),
+    })
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i32> {
@@ -645,6 +658,16 @@ fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
         SyncMode::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", synchronous)?;
+    // Savepoints (jobs with several writes, see Op::needs_savepoint) and SQLite's own statement
+    // journals keep undo pages in a temporary file unless told otherwise; that file cost a fifth of
+    // the store thread's time under load. Undo data for an uncommitted transaction needs no
+    // durability: after a crash the WAL simply lacks the transaction.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // SQLite's default page cache (2 MiB) is smaller than what one large batch dirties across the
+    // message indexes, so it spilled pages to the WAL mid-transaction and re-read evicted ones
+    // from the file, some 15% of the thread's time under load. The cache only grows as pages are
+    // used, so a small database keeps a small cache.
+    conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)?;
     // Off by default in SQLite, per connection, and a no-op inside a transaction: set it here.
     conn.pragma_update(None, "foreign_keys", true)
 }
@@ -675,10 +698,103 @@ fn apply_migration(conn: &mut Connection, step: &Migration) -> rusqlite::Result<
 }
 
 // ---------------------------------------------------------------------------------------------
+// The connection and what the store thread keeps beside it
+
+/// The store thread's connection and its cache of user names; jobs get both (`&mut`, no locks:
+/// only the store thread ever touches them).
+struct Db {
+    conn: Connection,
+    users: UserCache,
+}
+
+/// Most users [`UserCache`] holds before it starts over.
+const USER_CACHE_CAPACITY: usize = 100_000;
+
+/// Username <-> id of users the store thread has met, so that storing a message need not look
+/// its sender and recipient up in the users table every time.
+///
+/// Entries never go stale: usernames never change and users are never deleted. The one way a
+/// cached pair can be wrong is a user row that is rolled back after being created or read inside
+/// the same transaction — its id may then be handed to someone else — so [`Db::rolled_back`]
+/// empties the cache whenever a transaction ends without its commit. Only names that exist are
+/// cached: a name unknown now may be registered by the next job.
+///
+/// Bounded by emptying it when full rather than by evicting the least recently used: the
+/// active users of a server are normally far fewer than the bound, so this hardly ever happens,
+/// and when it does the cost is one indexed read per user as the cache fills again. An entry
+/// takes some 120 bytes (names have at most 32), so the cache stays under 12 MB or so.
+#[derive(Default)]
+struct UserCache {
+    ids: HashMap<Arc<str>, UserId>,
+    names: HashMap<UserId, Arc<str>>,
+}
+
+impl UserCache {
+    fn remember(&mut self, user_id: UserId, username: &str) {
+        if self.ids.len() >= USER_CACHE_CAPACITY || self.names.len() >= USER_CACHE_CAPACITY {
+            self.clear();
+        }
+        let username: Arc<str> = Arc::from(username);
+        self.ids.insert(Arc::clone(&username), user_id);
+        self.names.insert(user_id, username);
+    }
+
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.names.clear();
+    }
+
+    /// The id of the user with this (lower-cased) name, None if nobody has it.
+    fn id_by_name(
+        &mut self,
+        conn: &Connection,
+        username: &str,
+    ) -> rusqlite::Result<Option<UserId>> {
+        if let Some(&user_id) = self.ids.get(username) {
+            return Ok(Some(user_id));
+        }
+        let found = conn
+            .prepare_cached("SELECT id FROM users WHERE username = ?1")?
+            .query_row([username], |row| get_u64(row, 0))
+            .optional()?;
+        if let Some(user_id) = found {
+            self.remember(user_id, username);
+        }
+        Ok(found)
+    }
+
+    /// The username of this user, None if there is no such user.
+    fn name_by_id(
+        &mut self,
+        conn: &Connection,
+        user_id: UserId,
+    ) -> rusqlite::Result<Option<String>> {
+        if let Some(username) = self.names.get(&user_id) {
+            return Ok(Some(username.to_string()));
+        }
+        let found: Option<String> = conn
+            .prepare_cached("SELECT username FROM users WHERE id = ?1")?
+            .query_row([to_db(user_id)], |row| row.get(0))
+            .optional()?;
+        if let Some(username) = &found {
+            self.remember(user_id, username);
+        }
+        Ok(found)
+    }
+}
+
+impl Db {
+    /// Call whenever a transaction ended without committing: the users it created are gone.
+    fn rolled_back(&mut self) {
+        self.users.clear();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The worker thread and group commit
 
 struct Worker {
-    conn: Connection,
+    db: Db,
     jobs: Receiver<Job>,
     done: Sender<Done>,
     wake: Arc<dyn Fn() + Send + Sync>,
@@ -693,10 +809,10 @@ struct Batch {
 }
 
 impl Worker {
-    fn run(self) {
+    fn run(mut self) {
         while let Some(batch) = self.next_batch() {
             let size = batch.jobs.len();
-            let report = run_batch(&self.conn, batch.jobs);
+            let report = run_batch(&mut self.db, batch.jobs);
             if let Some(micros) = report.commit_micros {
                 self.stats
                     .last_commit
@@ -760,18 +876,19 @@ struct BatchReport {
     commit_micros: Option<u64>,
 }
 
-/// Runs the jobs in one transaction, each inside its own savepoint, and commits once.
+/// Runs the jobs in one transaction (each that needs one inside its own savepoint, see
+/// [`Op::needs_savepoint`]) and commits once.
 ///
 /// A completion never claims work that was not committed: when the COMMIT fails, or SQLite
 /// abandons the whole transaction after an error (it does so for some I/O and disk-full errors),
 /// every job of that transaction answers `Failed`.
-fn run_batch(conn: &Connection, jobs: Vec<Job>) -> BatchReport {
+fn run_batch(db: &mut Db, jobs: Vec<Job>) -> BatchReport {
     let mut dones: Vec<Done> = Vec::with_capacity(jobs.len());
     // Index in `dones` of the first job of the open transaction.
     let mut open_since: Option<usize> = None;
     for job in jobs {
         if open_since.is_none() {
-            match conn.execute_batch("BEGIN") {
+            match db.conn.execute_batch("BEGIN") {
                 Ok(()) => open_since = Some(dones.len()),
                 Err(e) => {
                     dones.push(failed(
@@ -782,8 +899,9 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>) -> BatchReport {
                 }
             }
         }
-        let mut outcome = run_job(conn, &job.op);
-        if conn.is_autocommit() {
+        let mut outcome = run_job(db, job.op);
+        if db.conn.is_autocommit() {
+            db.rolled_back();
             let reason = match &outcome {
                 Outcome::Failed(reason) => reason.clone(),
                 _ => "the database abandoned the transaction".to_owned(),
@@ -800,7 +918,13 @@ fn run_batch(conn: &Connection, jobs: Vec<Job>) -> BatchReport {
             outcome,
         });
     }
-    let commit_micros = open_since.and_then(|since| commit(conn, &mut dones[since..]));
+    let commit_micros = open_since.and_then(|since| {
+        let committed = commit(&db.conn, &mut dones[since..]);
+        if committed.is_none() {
+            db.rolled_back();
+        }
+        committed
+    });
     BatchReport {
         dones,
         commit_micros,
@@ -849,21 +973,35 @@ fn failed(ticket: Ticket, reason: String) -> Done {
     }
 }
 
-/// Runs one job inside a savepoint, so its error undoes only its own changes.
-fn run_job(conn: &Connection, op: &Op) -> Outcome {
-    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-        return Outcome::Failed(format!("{}: {e}", op.label()));
+/// Runs one job so that its error undoes only its own changes: inside a savepoint when it needs
+/// one, otherwise relying on SQLite undoing the one failed statement.
+fn run_job(db: &mut Db, op: Op) -> Outcome {
+    let label = op.label();
+    let savepoint = op.needs_savepoint();
+    if savepoint {
+        // Prepared once and cached: execute_batch would parse the SQL again for every job.
+        let begun = db
+            .conn
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]));
+        if let Err(e) = begun {
+            return Outcome::Failed(format!("{label}: {e}"));
+        }
     }
-    let result = execute_op(conn, op, now_ms()).and_then(|outcome| {
-        conn.execute_batch("RELEASE job")?;
+    let result = execute_op(db, op, now_ms()).and_then(|outcome| {
+        if savepoint {
+            db.conn.prepare_cached("RELEASE job")?.execute([])?;
+        }
         Ok(outcome)
     });
     match result {
         Ok(outcome) => outcome,
         Err(e) => {
-            log::warn!("{} failed: {e}", op.label());
-            undo_savepoint(conn);
-            Outcome::Failed(format!("{} failed: {e}", op.label()))
+            log::warn!("{label} failed: {e}");
+            if savepoint {
+                undo_savepoint(&db.conn);
+            }
+            Outcome::Failed(format!("{label} failed: {e}"))
         }
     }
 }
@@ -938,74 +1076,118 @@ impl Op {
             Op::Shutdown => "shutdown",
         }
     }
+
+    /// Whether the job must run inside its own savepoint, so that failing undoes its own changes
+    /// and nothing else of the batch.
+    ///
+    /// Only a job that writes more than once needs one. A savepoint is not free: while it is
+    /// open, SQLite copies every page the job changes into the statement sub-journal first, some
+    /// 15% of the store thread's time when every message had one. A job that writes with
+    /// one statement, and has nothing left that can fail once that statement ran, gets the same
+    /// guarantee for free: SQLite undoes a failed statement by itself and keeps the transaction
+    /// (or, after some I/O and disk-full errors, drops the whole transaction, which run_batch
+    /// notices and answers by failing the batch). Its reads change nothing. Jobs with a single
+    /// write keep it last (see resume_token and mark_delivered); one that gains a second write,
+    /// or fallible work after its write, must be moved to the `true` side.
+    fn needs_savepoint(&self) -> bool {
+        match self {
+            // The room and the host's membership; the room's close and its members' windows.
+            Op::CreateRoom { .. } | Op::CloseRoom { .. } => true,
+            // One write, last.
+            Op::CreateUser { .. }
+            | Op::IssueToken { .. }
+            | Op::ResumeToken { .. }
+            | Op::RevokeToken { .. }
+            | Op::StoreMessage { .. }
+            | Op::MarkDelivered { .. }
+            | Op::JoinRoom { .. }
+            | Op::LeaveRoom { .. }
+            | Op::Kick { .. }
+            | Op::StoreRoomMessage { .. }
+            | Op::SetLastSeen { .. } => false,
+            // Reads only.
+            Op::LookupUser { .. }
+            | Op::ListTokens { .. }
+            | Op::FetchFeed { .. }
+            | Op::History { .. }
+            | Op::ListRooms { .. }
+            | Op::RoomMembers { .. }
+            | Op::RoomHistory { .. }
+            | Op::LoadRooms
+            | Op::LookupUsers { .. }
+            | Op::Shutdown => false,
+        }
+    }
 }
 
-fn execute_op(conn: &Connection, op: &Op, now: u64) -> JobResult<Outcome> {
+/// Takes the op by value so that a stored message can keep its text and names without copying.
+fn execute_op(db: &mut Db, op: Op, now: u64) -> JobResult<Outcome> {
+    let conn = &db.conn;
     match op {
-        Op::CreateUser { username, phc } => create_user(conn, username, phc, now),
-        Op::LookupUser { username } => Ok(Outcome::Credentials(account_by_name(conn, username)?)),
+        Op::CreateUser { username, phc } => create_user(db, &username, &phc, now),
+        Op::LookupUser { username } => Ok(Outcome::Credentials(account_by_name(conn, &username)?)),
         Op::IssueToken {
             user_id,
             device,
             ttl_ms,
-        } => issue_token(conn, *user_id, device, *ttl_ms, now),
-        Op::ResumeToken { token, device } => resume_token(conn, token, device, now),
-        Op::RevokeToken { user_id, token_id } => revoke_token(conn, *user_id, *token_id),
-        Op::ListTokens { user_id } => list_tokens(conn, *user_id, now),
+        } => issue_token(conn, user_id, &device, ttl_ms, now),
+        Op::ResumeToken { token, device } => resume_token(conn, &token, &device, now),
+        Op::RevokeToken { user_id, token_id } => revoke_token(conn, user_id, token_id),
+        Op::ListTokens { user_id } => list_tokens(conn, user_id, now),
         Op::StoreMessage {
             sender,
             recipient,
             client_msg_id,
             text,
-        } => store_message(conn, *sender, recipient, *client_msg_id, text, now),
+        } => store_message(db, sender, recipient, client_msg_id, text, now),
         Op::FetchFeed {
             user_id,
             after_id,
             limit,
-        } => fetch_feed(conn, *user_id, *after_id, *limit),
-        Op::MarkDelivered { user_id, up_to } => mark_delivered(conn, *user_id, *up_to),
+        } => fetch_feed(conn, user_id, after_id, limit),
+        Op::MarkDelivered { user_id, up_to } => mark_delivered(conn, user_id, up_to),
         Op::History {
             user_id,
             peer,
             before_id,
             limit,
-        } => history(conn, *user_id, peer, *before_id, *limit),
+        } => history(db, user_id, &peer, before_id, limit),
         Op::CreateRoom {
             user_id,
             name,
             topic,
             max_rooms_per_user,
-        } => create_room(conn, *user_id, name, topic, *max_rooms_per_user, now),
+        } => create_room(db, user_id, name, topic, max_rooms_per_user, now),
         Op::JoinRoom {
             user_id,
             name,
             max_members,
             max_rooms_per_user,
-        } => join_room(conn, *user_id, name, *max_members, *max_rooms_per_user),
-        Op::LeaveRoom { user_id, name } => leave_room(conn, *user_id, name),
+        } => join_room(conn, user_id, &name, max_members, max_rooms_per_user),
+        Op::LeaveRoom { user_id, name } => leave_room(conn, user_id, &name),
         Op::Kick {
             host_id,
             name,
             target,
-        } => kick(conn, *host_id, name, target),
-        Op::CloseRoom { host_id, name } => close_room(conn, *host_id, name, now),
-        Op::ListRooms { after_name, limit } => list_rooms(conn, after_name, *limit),
+        } => kick(db, host_id, &name, &target),
+        Op::CloseRoom { host_id, name } => close_room(conn, host_id, &name, now),
+        Op::ListRooms { after_name, limit } => list_rooms(conn, &after_name, limit),
         // Any logged-in user may list a room's members, so who asks does not matter here.
-        Op::RoomMembers { user_id: _, name } => room_members(conn, name),
+        Op::RoomMembers { user_id: _, name } => room_members(conn, &name),
         Op::StoreRoomMessage {
             sender,
             room,
             client_msg_id,
             text,
-        } => store_room_message(conn, *sender, room, *client_msg_id, text, now),
+        } => store_room_message(db, sender, room, client_msg_id, text, now),
         Op::RoomHistory {
             user_id,
             name,
             before_id,
             limit,
-        } => room_history(conn, *user_id, name, *before_id, *limit),
+        } => room_history(conn, user_id, &name, before_id, limit),
         Op::LoadRooms => load_rooms(conn),
-        Op::SetLastSeen { user_id, at_ms } => set_last_seen(conn, *user_id, *at_ms),
+        Op::SetLastSeen { user_id, at_ms } => set_last_seen(conn, user_id, at_ms),
         Op::LookupUsers { names } => lookup_users(conn, names),
         // run_batch answers Shutdown itself; reaching here would still be harmless.
         Op::Shutdown => Ok(Outcome::Stopped),
@@ -1072,14 +1254,18 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
         if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE)
 }
 
-fn create_user(conn: &Connection, username: &str, phc: &str, now: u64) -> JobResult<Outcome> {
-    let mut insert = conn
+fn create_user(db: &mut Db, username: &str, phc: &str, now: u64) -> JobResult<Outcome> {
+    let mut insert = db
+        .conn
         .prepare_cached("INSERT INTO users (username, phc, created_at_ms) VALUES (?1, ?2, ?3)")?;
     // Letting the UNIQUE constraint decide avoids a look-up on the common path.
     match insert.execute(params![username, phc, to_db(now)]) {
-        Ok(_) => Ok(Outcome::UserCreated {
-            user_id: from_db(conn.last_insert_rowid()),
-        }),
+        Ok(_) => {
+            let user_id = from_db(db.conn.last_insert_rowid());
+            // A new user is usually about to log in and talk.
+            db.users.remember(user_id, username);
+            Ok(Outcome::UserCreated { user_id })
+        }
         Err(e) if is_unique_violation(&e) => Ok(Outcome::UsernameTaken),
         Err(e) => Err(e.into()),
     }
@@ -1138,18 +1324,6 @@ fn account_by_id(conn: &Connection, user_id: UserId) -> rusqlite::Result<Option<
         .query_row([to_db(user_id)], account_with_phc)
         .optional()?;
     Ok(found.map(|(account, _phc)| account))
-}
-
-fn user_id_by_name(conn: &Connection, username: &str) -> rusqlite::Result<Option<UserId>> {
-    conn.prepare_cached("SELECT id FROM users WHERE username = ?1")?
-        .query_row([username], |row| get_u64(row, 0))
-        .optional()
-}
-
-fn username_by_id(conn: &Connection, user_id: UserId) -> rusqlite::Result<Option<String>> {
-    conn.prepare_cached("SELECT username FROM users WHERE id = ?1")?
-        .query_row([to_db(user_id)], |row| row.get(0))
-        .optional()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1212,9 +1386,11 @@ fn resume_token(conn: &Connection, token: &[u8; 16], device: &str, now: u64) -> 
     let Some(state) = state.filter(|s| s.is_usable(now)) else {
         return Ok(Outcome::Resumed(None));
     };
+    // Read before the write, which must come last: this job runs without a savepoint (see
+    // Op::needs_savepoint). The token's row is no part of the account.
+    let account = account_by_id(conn, state.user_id)?;
     conn.prepare_cached("UPDATE tokens SET last_used_at_ms = ?2, device = ?3 WHERE id = ?1")?
         .execute(params![to_db(state.token_id), to_db(now), device])?;
-    let account = account_by_id(conn, state.user_id)?;
     Ok(Outcome::Resumed(
         account.map(|account| (account, state.token_id)),
     ))
@@ -1301,52 +1477,115 @@ fn message_by_client_id(
     .optional()
 }
 
-fn store_message(
+/// Answers a resend (the client never saw our answer) with its original, whatever its kind —
+/// both kinds share the sender's client id space — and anything else with `refusal`. For the
+/// paths that refuse before they reach the insert: a resend still gets its original there, e.g.
+/// after the sender left the room.
+fn original_or(
     conn: &Connection,
     sender: UserId,
-    recipient: &str,
     client_msg_id: u64,
-    text: &str,
-    now: u64,
+    refusal: Outcome,
 ) -> JobResult<Outcome> {
-    // A resend (the client never saw our answer) must get the original back, even if the
-    // recipient has since become unknown, so the duplicate check comes first. The original may be
-    // a room message: both kinds share the sender's client id space.
-    if let Some(original) = message_by_client_id(conn, sender, client_msg_id)? {
+    Ok(match message_by_client_id(conn, sender, client_msg_id)? {
+        Some(original) => Outcome::Stored {
+            message: original,
+            duplicate: true,
+        },
+        None => refusal,
+    })
+}
+
+/// Inserts a message unless (sender, client id) is taken, in which case the original answers
+/// with duplicate = true. The duplicate check is the insert itself: one descent of the UNIQUE
+/// index instead of a look-up followed by the insert's own. A resend that gets this far still
+/// advances AUTOINCREMENT's counter, leaving a gap in the ids; ids stay increasing and are never
+/// reused, and nothing relies on them being consecutive.
+fn insert_message(
+    conn: &Connection,
+    sender: UserId,
+    client_msg_id: u64,
+    target: MessageTarget,
+    text: String,
+    now: u64,
+    message: impl FnOnce(u64, String) -> StoredMessage,
+) -> JobResult<Outcome> {
+    let (recipient_id, room_id) = match target {
+        MessageTarget::User(user_id) => (Some(to_db(user_id)), None),
+        MessageTarget::Room(room_id) => (None, Some(to_db(room_id))),
+    };
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO messages (sender_id, recipient_id, room_id, client_msg_id, timestamp_ms,
+                                   text)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
+        )?
+        .execute(params![
+            to_db(sender),
+            recipient_id,
+            room_id,
+            client_msg_key(client_msg_id),
+            to_db(now),
+            &text
+        ])?;
+    if inserted == 0 {
+        let original = message_by_client_id(conn, sender, client_msg_id)?
+            // Only the UNIQUE (sender_id, client_msg_id) conflict is ignored, so it is there.
+            .ok_or_else(|| JobError::Invalid("a skipped message has no original".into()))?;
         return Ok(Outcome::Stored {
             message: original,
             duplicate: true,
         });
     }
-    let Some(recipient_id) = user_id_by_name(conn, recipient)? else {
-        return Ok(Outcome::UnknownRecipient);
-    };
-    let sender_name = username_by_id(conn, sender)?.ok_or_else(|| no_such_user(sender))?;
-    conn.prepare_cached(
-        "INSERT INTO messages (sender_id, recipient_id, client_msg_id, timestamp_ms, text)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        to_db(sender),
-        to_db(recipient_id),
-        client_msg_key(client_msg_id),
-        to_db(now),
-        text
-    ])?;
-    let message = StoredMessage {
-        id: from_db(conn.last_insert_rowid()),
-        sender_id: sender,
-        sender: sender_name,
-        recipient_id,
-        recipient: recipient.to_owned(),
-        timestamp_ms: now,
-        text: text.to_owned(),
-        room: None,
-    };
     Ok(Outcome::Stored {
-        message,
+        message: message(from_db(conn.last_insert_rowid()), text),
         duplicate: false,
     })
+}
+
+/// Where a message goes: one user or one room.
+enum MessageTarget {
+    User(UserId),
+    Room(u64),
+}
+
+fn store_message(
+    db: &mut Db,
+    sender: UserId,
+    recipient: String,
+    client_msg_id: u64,
+    text: String,
+    now: u64,
+) -> JobResult<Outcome> {
+    let Some(recipient_id) = db.users.id_by_name(&db.conn, &recipient)? else {
+        // A resend must get the original back even if the recipient is unknown now.
+        return original_or(&db.conn, sender, client_msg_id, Outcome::UnknownRecipient);
+    };
+    // Before the insert, which must be the job's last fallible step (see Op::needs_savepoint).
+    let sender_name = db
+        .users
+        .name_by_id(&db.conn, sender)?
+        .ok_or_else(|| no_such_user(sender))?;
+    let target = MessageTarget::User(recipient_id);
+    insert_message(
+        &db.conn,
+        sender,
+        client_msg_id,
+        target,
+        text,
+        now,
+        |id, text| StoredMessage {
+            id,
+            sender_id: sender,
+            sender: sender_name,
+            recipient_id,
+            recipient,
+            timestamp_ms: now,
+            text,
+            room: None,
+        },
+    )
 }
 
 /// Three index range scans merged by id, disjoint so each message comes once: direct messages
@@ -1408,15 +1647,16 @@ const HISTORY: &str = "
     ORDER BY p.id DESC";
 
 fn history(
-    conn: &Connection,
+    db: &mut Db,
     user_id: UserId,
     peer: &str,
     before_id: u64,
     limit: u32,
 ) -> JobResult<Outcome> {
-    let Some(peer_id) = user_id_by_name(conn, peer)? else {
+    let Some(peer_id) = db.users.id_by_name(&db.conn, peer)? else {
         return Ok(Outcome::UnknownRecipient);
     };
+    let conn = &db.conn;
     let before = if before_id == 0 {
         i64::MAX
     } else {
@@ -1437,6 +1677,14 @@ fn history(
     Ok(into_page(messages, limit))
 }
 
+/// Per sender, the newest direct message to ?1 with id in (?2, ?3]: one range of
+/// messages_by_recipient.
+const RECEIPTS: &str = "
+    SELECT m.sender_id, s.username, max(m.id) FROM messages m
+    JOIN users s ON s.id = m.sender_id
+    WHERE m.recipient_id = ?1 AND m.id > ?2 AND m.id <= ?3
+    GROUP BY m.sender_id ORDER BY m.sender_id";
+
 fn mark_delivered(conn: &Connection, user_id: UserId, up_to: u64) -> JobResult<Outcome> {
     let account = account_by_id(conn, user_id)?.ok_or_else(|| no_such_user(user_id))?;
     let old = account.delivered_cursor;
@@ -1448,19 +1696,16 @@ fn mark_delivered(conn: &Connection, user_id: UserId, up_to: u64) -> JobResult<O
             receipts: Vec::new(),
         });
     }
-    conn.prepare_cached("UPDATE users SET delivered_cursor = ?2 WHERE id = ?1")?
-        .execute(params![to_db(user_id), to_db(new)])?;
+    // The receipts are read before the write, which must come last: this job runs without a
+    // savepoint (see Op::needs_savepoint). They do not depend on the stored cursor.
     let receipts = conn
-        .prepare_cached(
-            "SELECT m.sender_id, s.username, max(m.id) FROM messages m
-             JOIN users s ON s.id = m.sender_id
-             WHERE m.recipient_id = ?1 AND m.id > ?2 AND m.id <= ?3
-             GROUP BY m.sender_id ORDER BY m.sender_id",
-        )?
+        .prepare_cached(RECEIPTS)?
         .query_map(params![to_db(user_id), to_db(old), to_db(new)], |row| {
             Ok((get_u64(row, 0)?, row.get(1)?, get_u64(row, 2)?))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    conn.prepare_cached("UPDATE users SET delivered_cursor = ?2 WHERE id = ?1")?
+        .execute(params![to_db(user_id), to_db(new)])?;
     Ok(Outcome::Delivered {
         reader: account.username,
         cursor: new,
@@ -1615,14 +1860,18 @@ fn active_member_ids(conn: &Connection, room_id: u64) -> rusqlite::Result<Vec<Us
 }
 
 fn create_room(
-    conn: &Connection,
+    db: &mut Db,
     user_id: UserId,
-    name: &str,
-    topic: &str,
+    name: String,
+    topic: String,
     max_rooms_per_user: u32,
     now: u64,
 ) -> JobResult<Outcome> {
-    let host = username_by_id(conn, user_id)?.ok_or_else(|| no_such_user(user_id))?;
+    let host = db
+        .users
+        .name_by_id(&db.conn, user_id)?
+        .ok_or_else(|| no_such_user(user_id))?;
+    let conn = &db.conn;
     // Checked before writing anything, so a refusal leaves no trace to undo.
     if current_room_count(conn, user_id)? >= u64::from(max_rooms_per_user) {
         return Ok(Outcome::TooManyRooms);
@@ -1642,8 +1891,8 @@ fn create_room(
     start_membership(conn, room_id, user_id)?;
     Ok(Outcome::RoomCreated(RoomInfo {
         room_id,
-        name: name.to_owned(),
-        topic: topic.to_owned(),
+        name,
+        topic,
         host,
         member_count: 1,
         closed: false,
@@ -1702,16 +1951,17 @@ fn leave_room(conn: &Connection, user_id: UserId, name: &str) -> JobResult<Outco
     })
 }
 
-fn kick(conn: &Connection, host_id: UserId, name: &str, target: &str) -> JobResult<Outcome> {
-    let Some(room) = room_by_name(conn, name)? else {
+fn kick(db: &mut Db, host_id: UserId, name: &str, target: &str) -> JobResult<Outcome> {
+    let Some(room) = room_by_name(&db.conn, name)? else {
         return Ok(Outcome::NoSuchRoom);
     };
     if room.host_id != host_id {
         return Ok(Outcome::NotHost);
     }
-    let Some(target_id) = user_id_by_name(conn, target)? else {
+    let Some(target_id) = db.users.id_by_name(&db.conn, target)? else {
         return Ok(Outcome::NoSuchUser);
     };
+    let conn = &db.conn;
     // The host's own membership ends with LeaveRoom; refusing here keeps a slip of the target
     // name from quietly removing the one person who can manage the room.
     if target_id == host_id {
@@ -1784,56 +2034,49 @@ fn room_members(conn: &Connection, name: &str) -> JobResult<Outcome> {
 }
 
 fn store_room_message(
-    conn: &Connection,
+    db: &mut Db,
     sender: UserId,
-    room_name: &str,
+    room_name: String,
     client_msg_id: u64,
-    text: &str,
+    text: String,
     now: u64,
 ) -> JobResult<Outcome> {
+    let conn = &db.conn;
     // As for direct messages: a resend gets its original back even if the sender has since left
-    // or the room closed.
-    if let Some(original) = message_by_client_id(conn, sender, client_msg_id)? {
-        return Ok(Outcome::Stored {
-            message: original,
-            duplicate: true,
-        });
-    }
-    let Some(room) = room_by_name(conn, room_name)? else {
-        return Ok(Outcome::NoSuchRoom);
+    // or the room closed, so every refusal first looks for one.
+    let Some(room) = room_by_name(conn, &room_name)? else {
+        return original_or(conn, sender, client_msg_id, Outcome::NoSuchRoom);
     };
     if room.closed {
-        return Ok(Outcome::RoomIsClosed);
+        return original_or(conn, sender, client_msg_id, Outcome::RoomIsClosed);
     }
     if !is_current_member(conn, &room, sender)? {
-        return Ok(Outcome::NotMember);
+        return original_or(conn, sender, client_msg_id, Outcome::NotMember);
     }
-    let sender_name = username_by_id(conn, sender)?.ok_or_else(|| no_such_user(sender))?;
-    conn.prepare_cached(
-        "INSERT INTO messages (sender_id, room_id, client_msg_id, timestamp_ms, text)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        to_db(sender),
-        to_db(room.room_id),
-        client_msg_key(client_msg_id),
-        to_db(now),
-        text
-    ])?;
-    let message = StoredMessage {
-        id: from_db(conn.last_insert_rowid()),
-        sender_id: sender,
-        sender: sender_name,
-        recipient_id: 0,
-        recipient: room_name.to_owned(),
-        timestamp_ms: now,
-        text: text.to_owned(),
-        room: Some((room.room_id, room_name.to_owned())),
-    };
-    Ok(Outcome::Stored {
-        message,
-        duplicate: false,
-    })
+    // Before the insert, which must be the job's last fallible step (see Op::needs_savepoint).
+    let sender_name = db
+        .users
+        .name_by_id(&db.conn, sender)?
+        .ok_or_else(|| no_such_user(sender))?;
+    let target = MessageTarget::Room(room.room_id);
+    insert_message(
+        &db.conn,
+        sender,
+        client_msg_id,
+        target,
+        text,
+        now,
+        |id, text| StoredMessage {
+            id,
+            sender_id: sender,
+            sender: sender_name,
+            recipient_id: 0,
+            recipient: room_name.clone(),
+            timestamp_ms: now,
+            text,
+            room: Some((room.room_id, room_name)),
+        },
+    )
 }
 
 /// One room's messages inside (?2, ?3], newest first: one range of messages_by_room.
@@ -1912,15 +2155,15 @@ fn set_last_seen(conn: &Connection, user_id: UserId, at_ms: u64) -> JobResult<Ou
     Ok(Outcome::LastSeenSet)
 }
 
-fn lookup_users(conn: &Connection, names: &[String]) -> JobResult<Outcome> {
+fn lookup_users(conn: &Connection, names: Vec<String>) -> JobResult<Outcome> {
     let mut select =
         conn.prepare_cached("SELECT id, last_seen_ms FROM users WHERE username = ?1")?;
     let mut users = Vec::with_capacity(names.len());
     for name in names {
         let found = select
-            .query_row([name], |row| Ok((get_u64(row, 0)?, get_u64(row, 1)?)))
+            .query_row([&name], |row| Ok((get_u64(row, 0)?, get_u64(row, 1)?)))
             .optional()?;
-        users.push((name.clone(), found));
+        users.push((name, found));
     }
     Ok(Outcome::Users(users))
 }
@@ -2095,7 +2338,7 @@ mod tests {
 
     /// Runs ops as one batch on a connection, bypassing the thread, so tests can tamper with the
     /// connection between batches.
-    fn run_ops(conn: &Connection, ops: Vec<Op>) -> Vec<Outcome> {
+    fn run_ops(db: &mut Db, ops: Vec<Op>) -> Vec<Outcome> {
         let jobs = ops
             .into_iter()
             .enumerate()
@@ -2104,7 +2347,7 @@ mod tests {
                 op,
             })
             .collect();
-        run_batch(conn, jobs)
+        run_batch(db, jobs)
             .dones
             .into_iter()
             .map(|d| d.outcome)
@@ -2878,14 +3121,14 @@ mod tests {
     #[test]
     fn read_only_database_fails_writes_then_recovers() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
-        let outcomes = run_ops(&conn, vec![create("alice")]);
+        let mut db = open_database(&config(&dir)).unwrap();
+        let outcomes = run_ops(&mut db, vec![create("alice")]);
         assert!(matches!(outcomes[0], Outcome::UserCreated { .. }));
 
         // Stands in for chmod 0444, which root ignores.
-        conn.pragma_update(None, "query_only", true).unwrap();
+        db.conn.pragma_update(None, "query_only", true).unwrap();
         let outcomes = run_ops(
-            &conn,
+            &mut db,
             vec![
                 create("bob"),
                 Op::LookupUser {
@@ -2896,10 +3139,10 @@ mod tests {
         assert!(failure(&outcomes[0]).contains("readonly"), "{outcomes:?}");
         assert!(matches!(outcomes[1], Outcome::Credentials(Some(_))));
 
-        conn.pragma_update(None, "query_only", false).unwrap();
-        let outcomes = run_ops(&conn, vec![create("bob")]);
+        db.conn.pragma_update(None, "query_only", false).unwrap();
+        let outcomes = run_ops(&mut db, vec![create("bob")]);
         assert!(matches!(outcomes[0], Outcome::UserCreated { .. }));
-        assert_eq!(user_count(&conn), 2);
+        assert_eq!(user_count(&db.conn), 2);
     }
 
     #[test]
@@ -2910,8 +3153,12 @@ mod tests {
         let conn =
             Connection::open_with_flags(&config.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .unwrap();
+        let mut db = Db {
+            conn,
+            users: UserCache::default(),
+        };
         let outcomes = run_ops(
-            &conn,
+            &mut db,
             vec![
                 create("alice"),
                 Op::LookupUser {
@@ -2926,13 +3173,16 @@ mod tests {
     #[test]
     fn full_disk_fails_the_job_and_never_claims_lost_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
-        run_ops(&conn, vec![create("alice")]);
-        let pages: i64 = conn
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice")]);
+        let pages: i64 = db
+            .conn
             .pragma_query_value(None, "page_count", |r| r.get(0))
             .unwrap();
         // The database may not grow: any new page is a full disk.
-        conn.pragma_update(None, "max_page_count", pages).unwrap();
+        db.conn
+            .pragma_update(None, "max_page_count", pages)
+            .unwrap();
         let big_message = Op::StoreMessage {
             sender: 1,
             recipient: "alice".into(),
@@ -2940,7 +3190,7 @@ mod tests {
             text: "x".repeat(256 * 1024),
         };
         let outcomes = run_ops(
-            &conn,
+            &mut db,
             vec![
                 create("bob"),
                 big_message,
@@ -2954,7 +3204,7 @@ mod tests {
         let bob_claimed = matches!(outcomes[0], Outcome::UserCreated { .. });
         let bob_present = matches!(
             run_ops(
-                &conn,
+                &mut db,
                 vec![Op::LookupUser {
                     username: "bob".into()
                 }]
@@ -2963,9 +3213,10 @@ mod tests {
         );
         assert_eq!(bob_claimed, bob_present);
 
-        conn.pragma_update(None, "max_page_count", 1_000_000)
+        db.conn
+            .pragma_update(None, "max_page_count", 1_000_000)
             .unwrap();
-        let outcomes = run_ops(&conn, vec![message_to_self(1)]);
+        let outcomes = run_ops(&mut db, vec![message_to_self(1)]);
         assert!(
             matches!(outcomes[0], Outcome::Stored { .. }),
             "{outcomes:?}"
@@ -2975,18 +3226,19 @@ mod tests {
     #[test]
     fn failed_commit_fails_every_job_of_the_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
         // Every new user leaves a deferred foreign-key violation behind, which only COMMIT checks.
-        conn.execute_batch(
-            "CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);
              CREATE TEMP TABLE child (parent_id INTEGER REFERENCES parent(id)
                                       DEFERRABLE INITIALLY DEFERRED);
              CREATE TEMP TRIGGER poison AFTER INSERT ON main.users
              BEGIN INSERT INTO child VALUES (42); END;",
-        )
-        .unwrap();
+            )
+            .unwrap();
         let outcomes = run_ops(
-            &conn,
+            &mut db,
             vec![
                 create("alice"),
                 Op::LookupUser {
@@ -2998,21 +3250,21 @@ mod tests {
         for outcome in &outcomes {
             assert!(failure(outcome).contains("commit failed"), "{outcome:?}");
         }
-        assert!(conn.is_autocommit(), "no transaction left open");
-        assert_eq!(user_count(&conn), 0);
+        assert!(db.conn.is_autocommit(), "no transaction left open");
+        assert_eq!(user_count(&db.conn), 0);
 
-        conn.execute_batch("DROP TRIGGER poison").unwrap();
-        let outcomes = run_ops(&conn, vec![create("alice")]);
+        db.conn.execute_batch("DROP TRIGGER poison").unwrap();
+        let outcomes = run_ops(&mut db, vec![create("alice")]);
         assert!(matches!(outcomes[0], Outcome::UserCreated { .. }));
-        assert_eq!(user_count(&conn), 1);
+        assert_eq!(user_count(&db.conn), 1);
     }
 
     #[test]
     fn one_failing_job_leaves_the_rest_of_its_batch_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
         let outcomes = run_ops(
-            &conn,
+            &mut db,
             vec![
                 create("alice"),
                 Op::IssueToken {
@@ -3028,16 +3280,281 @@ mod tests {
         assert!(failure(&outcomes[1]).contains("issue token"));
         assert!(matches!(outcomes[2], Outcome::UsernameTaken));
         assert!(matches!(outcomes[3], Outcome::UserCreated { .. }));
-        assert_eq!(user_count(&conn), 2);
+        assert_eq!(user_count(&db.conn), 2);
+    }
+
+    #[test]
+    fn a_failing_multi_write_job_undoes_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        // CreateRoom's first write (the room) succeeds, its second (the membership) fails.
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER no_members BEFORE INSERT ON main.room_members
+                 BEGIN SELECT RAISE(ABORT, 'no members today'); END;",
+            )
+            .unwrap();
+        let outcomes = run_ops(
+            &mut db,
+            vec![
+                create("alice"),
+                create_room_op(1, "lounge", ROOMS_PER_USER),
+                message_to_self(1),
+            ],
+        );
+        assert!(matches!(outcomes[0], Outcome::UserCreated { .. }));
+        assert!(
+            failure(&outcomes[1]).contains("no members today"),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(
+                outcomes[2],
+                Outcome::Stored {
+                    duplicate: false,
+                    ..
+                }
+            ),
+            "{outcomes:?}"
+        );
+        let rooms: i64 = db
+            .conn
+            .query_row("SELECT count(*) FROM rooms", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rooms, 0, "the room went with its failed job");
+        assert_eq!(
+            user_count(&db.conn),
+            1,
+            "the rest of the batch was committed"
+        );
+
+        db.conn.execute_batch("DROP TRIGGER no_members").unwrap();
+        let outcomes = run_ops(&mut db, vec![create_room_op(1, "lounge", ROOMS_PER_USER)]);
+        assert!(
+            matches!(outcomes[0], Outcome::RoomCreated(_)),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
+    fn a_failing_single_write_job_without_savepoint_leaves_its_batch_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER no_spam BEFORE INSERT ON main.messages
+                 WHEN new.text = 'spam' BEGIN SELECT RAISE(ABORT, 'no spam'); END;",
+            )
+            .unwrap();
+        let dm = |client_msg_id, text: &str| Op::StoreMessage {
+            sender: 1,
+            recipient: "alice".into(),
+            client_msg_id,
+            text: text.into(),
+        };
+        assert!(!dm(1, "x").needs_savepoint());
+        let outcomes = run_ops(
+            &mut db,
+            vec![
+                create("alice"),
+                dm(1, "hello"),
+                dm(2, "spam"),
+                dm(3, "bye"),
+                Op::MarkDelivered {
+                    user_id: 1,
+                    up_to: u64::MAX,
+                },
+            ],
+        );
+        assert!(failure(&outcomes[2]).contains("no spam"), "{outcomes:?}");
+        let stored: Vec<u64> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Stored {
+                    message,
+                    duplicate: false,
+                } => Some(message.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 2, "{outcomes:?}");
+        assert!(
+            matches!(outcomes[4], Outcome::Delivered { cursor, .. } if cursor == stored[1]),
+            "{outcomes:?}"
+        );
+        let feed = run_ops(
+            &mut db,
+            vec![Op::FetchFeed {
+                user_id: 1,
+                after_id: 0,
+                limit: 10,
+            }],
+        );
+        assert_eq!(ids(&page(feed.into_iter().next().unwrap()).0), stored);
+        // Nothing of the failed message stayed behind: its client id is still free.
+        let outcomes = run_ops(&mut db, vec![dm(2, "not spam")]);
+        assert!(
+            matches!(
+                outcomes[0],
+                Outcome::Stored {
+                    duplicate: false,
+                    ..
+                }
+            ),
+            "{outcomes:?}"
+        );
+    }
+
+    /// A user row created (and cached) in a transaction that is then rolled back is gone, and its
+    /// id goes to the next user created: the cache must not keep the old name for it.
+    #[test]
+    fn user_cache_forgets_users_of_a_rolled_back_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        let dm = |sender, to: &str, client_msg_id| Op::StoreMessage {
+            sender,
+            recipient: to.into(),
+            client_msg_id,
+            text: "hi".into(),
+        };
+        let check = |db: &mut Db, ghost: &str, name: &str| {
+            let outcomes = run_ops(db, vec![create(name), dm(1, ghost, 1), dm(1, name, 2)]);
+            assert!(
+                matches!(outcomes[0], Outcome::UserCreated { user_id: 1 }),
+                "{outcomes:?}"
+            );
+            assert!(
+                matches!(outcomes[1], Outcome::UnknownRecipient),
+                "{outcomes:?}"
+            );
+            match &outcomes[2] {
+                Outcome::Stored { message, .. } => {
+                    assert_eq!(
+                        (message.sender.as_str(), message.recipient.as_str()),
+                        (name, name)
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+
+        // The commit fails (a deferred foreign key violation, as in failed_commit_...).
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);
+                 CREATE TEMP TABLE child (parent_id INTEGER REFERENCES parent(id)
+                                          DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TEMP TRIGGER poison AFTER INSERT ON main.users
+                 BEGIN INSERT INTO child VALUES (42); END;",
+            )
+            .unwrap();
+        let outcomes = run_ops(&mut db, vec![create("alice"), dm(1, "alice", 1)]);
+        assert!(
+            failure(&outcomes[1]).contains("commit failed"),
+            "{outcomes:?}"
+        );
+        db.conn.execute_batch("DROP TRIGGER poison").unwrap();
+        check(&mut db, "alice", "bob");
+
+        // SQLite abandons the transaction (as after some I/O errors) in the middle of a batch.
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER abandon BEFORE INSERT ON main.messages
+                 WHEN new.text = 'abandon' BEGIN SELECT RAISE(ROLLBACK, 'abandoned'); END;",
+            )
+            .unwrap();
+        let abandon = Op::StoreMessage {
+            sender: 2,
+            recipient: "bob".into(),
+            client_msg_id: 1,
+            text: "abandon".into(),
+        };
+        let outcomes = run_ops(&mut db, vec![create("carol"), dm(2, "carol", 1), abandon]);
+        assert!(failure(&outcomes[0]).contains("abandoned"), "{outcomes:?}");
+        let outcomes = run_ops(&mut db, vec![create("dave")]);
+        assert!(
+            matches!(outcomes[0], Outcome::UserCreated { user_id: 2 }),
+            "{outcomes:?}"
+        );
+        let outcomes = run_ops(&mut db, vec![dm(2, "carol", 1), dm(2, "bob", 2)]);
+        assert!(
+            matches!(outcomes[0], Outcome::UnknownRecipient),
+            "{outcomes:?}"
+        );
+        match &outcomes[1] {
+            Outcome::Stored { message, .. } => assert_eq!(message.sender, "dave"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn user_cache_stays_bounded() {
+        let mut cache = UserCache::default();
+        let past_capacity = u64::try_from(USER_CACHE_CAPACITY).unwrap() + 10;
+        for user_id in 0..past_capacity {
+            cache.remember(user_id, &format!("user{user_id}"));
+        }
+        assert!(cache.ids.len() <= USER_CACHE_CAPACITY);
+        assert!(cache.names.len() <= USER_CACHE_CAPACITY);
+        let last = past_capacity - 1;
+        assert_eq!(cache.ids.get(format!("user{last}").as_str()), Some(&last));
+        assert_eq!(
+            cache.names.get(&last).map(|n| &**n),
+            Some(format!("user{last}").as_str())
+        );
+    }
+
+    #[test]
+    fn resends_find_their_original_whichever_path_they_take() {
+        let mut store = TestStore::new();
+        let alice = store.user("alice");
+        store.user("bob");
+        store.room(alice, "den");
+        let dm = store.send(alice, "bob", 1, "dm");
+        let post = store.post(alice, "den", 2);
+        let resend_dm = |recipient: &str, client_msg_id| Op::StoreMessage {
+            sender: alice,
+            recipient: recipient.into(),
+            client_msg_id,
+            text: "again".into(),
+        };
+        for (op, original) in [
+            // The insert finds the client id taken.
+            (resend_dm("bob", 1), &dm),
+            (post_op(alice, "den", 2, "again"), &post),
+            // Both kinds share one client id space.
+            (post_op(alice, "den", 1, "again"), &dm),
+            (resend_dm("bob", 2), &post),
+            // Refused before any insert, and still the original.
+            (resend_dm("nobody", 1), &dm),
+            (post_op(alice, "no-such-room", 2, "again"), &post),
+        ] {
+            match store.call(op) {
+                Outcome::Stored { message, duplicate } => {
+                    assert!(duplicate);
+                    assert_eq!(&message, original);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            store.feed_ids(alice),
+            vec![dm.id, post.id],
+            "no resend stored"
+        );
+        let next = store.send(alice, "bob", 3, "new");
+        assert!(next.id > post.id);
+        store.stop();
     }
 
     #[test]
     fn feed_and_history_use_index_ranges_not_table_scans() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
+        let db = open_database(&config(&dir)).unwrap();
         for (query, args) in [(FEED, 3), (HISTORY, 4)] {
             let placeholders: Vec<i64> = vec![1; args];
-            let plan: Vec<String> = conn
+            let plan: Vec<String> = db
+                .conn
                 .prepare(&format!("EXPLAIN QUERY PLAN {query}"))
                 .unwrap()
                 .query_map(rusqlite::params_from_iter(placeholders), |r| r.get(3))
@@ -3948,10 +4465,10 @@ mod tests {
     #[test]
     fn messages_are_either_direct_or_to_a_room() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
-        run_ops(&conn, vec![create("alice"), create_room_op(1, "r", 1)]);
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice"), create_room_op(1, "r", 1)]);
         for (recipient, room) in [(None, None), (Some(1), Some(1))] {
-            let result = conn.execute(
+            let result = db.conn.execute(
                 "INSERT INTO messages (sender_id, recipient_id, room_id, client_msg_id,
                                        timestamp_ms, text) VALUES (1, ?1, ?2, 1, 0, 'x')",
                 params![recipient, room],
@@ -3975,10 +4492,10 @@ mod tests {
     #[test]
     fn feed_plan_is_an_index_range_per_branch() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_database(&config(&dir)).unwrap();
-        let plan = query_plan(&conn, FEED, 3);
+        let db = open_database(&config(&dir)).unwrap();
+        let plan = query_plan(&db.conn, FEED, 3);
         for branch in [
-            "USING INDEX messages_by_sender (sender_id=? AND room_id=? AND id>?)",
+            "USING INDEX messages_by_sender (sender_id=? AND id>?)",
             "USING INDEX messages_by_recipient (recipient_id=? AND id>?)",
             "USING INDEX room_members_by_user (user_id=?)",
             "USING INDEX messages_by_room (room_id=? AND id>? AND id<?)",
@@ -3990,9 +4507,69 @@ mod tests {
             assert_eq!(line, "SCAN m", "{plan}");
         }
         for (query, args) in [(ACCOUNT_BY_ID, 1), (ROOM_HISTORY, 4)] {
-            let plan = query_plan(&conn, query, args);
+            let plan = query_plan(&db.conn, query, args);
             assert!(!plan.contains("SCAN"), "{plan}");
             assert!(plan.contains("messages_by_room"), "{plan}");
+        }
+    }
+
+    /// The message indexes are partial (each kind of message enters only the indexes it is read
+    /// through), and every query still finds the one it needs: SQLite uses a partial index only
+    /// when the query's WHERE implies the index's.
+    #[test]
+    fn partial_message_indexes_are_used_by_every_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(&config(&dir)).unwrap();
+        let partial: Vec<(String, bool)> = db
+            .conn
+            .prepare("PRAGMA index_list(messages)")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(1)?, r.get(4)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for name in [
+            "messages_by_sender",
+            "messages_by_recipient",
+            "messages_by_room",
+            "messages_by_pair",
+        ] {
+            assert!(
+                partial.contains(&(name.to_owned(), true)),
+                "{name} is not partial: {partial:?}"
+            );
+        }
+        for (query, args, indexes) in [
+            (
+                ACCOUNT_BY_ID,
+                1,
+                &[
+                    "messages_by_sender (sender_id=?)",
+                    "messages_by_recipient (recipient_id=?)",
+                    "messages_by_room (room_id=? AND id>? AND id<?)",
+                ][..],
+            ),
+            (
+                HISTORY,
+                4,
+                &["messages_by_pair (sender_id=? AND recipient_id=? AND id<?)"][..],
+            ),
+            (
+                RECEIPTS,
+                3,
+                &["messages_by_recipient (recipient_id=? AND id>? AND id<?)"][..],
+            ),
+            (
+                ROOM_HISTORY,
+                4,
+                &["messages_by_room (room_id=? AND id>? AND id<?)"][..],
+            ),
+        ] {
+            let plan = query_plan(&db.conn, query, args);
+            for index in indexes {
+                assert!(plan.contains(index), "{index} missing from:\n{plan}");
+            }
+            assert!(!plan.contains("SCAN messages"), "{plan}");
         }
     }
 
@@ -4012,8 +4589,8 @@ mod tests {
             limit in 1u32..12,
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let conn = open_database(&config(&dir)).unwrap();
-            run_ops(&conn, vec![create("a"), create("b"), create("c")]);
+            let mut db = open_database(&config(&dir)).unwrap();
+            run_ops(&mut db, vec![create("a"), create("b"), create("c")]);
             let names = ["a", "b", "c"];
             let mut expected = Vec::new();
             for (i, from) in senders.iter().enumerate() {
@@ -4024,7 +4601,7 @@ mod tests {
                     client_msg_id: i as u64,
                     text: i.to_string(),
                 };
-                let outcome = run_ops(&conn, vec![op]).remove(0);
+                let outcome = run_ops(&mut db, vec![op]).remove(0);
                 let Outcome::Stored { message, .. } = outcome else { panic!("{outcome:?}") };
                 if message.sender_id == 1 || message.recipient_id == 1 {
                     expected.push(message.id);
@@ -4034,7 +4611,7 @@ mod tests {
             let mut after = 0;
             loop {
                 let op = Op::FetchFeed { user_id: 1, after_id: after, limit };
-                let (messages, more) = page(run_ops(&conn, vec![op]).remove(0));
+                let (messages, more) = page(run_ops(&mut db, vec![op]).remove(0));
                 seen.extend(ids(&messages));
                 match messages.last() {
                     Some(last) if more => after = last.id,
@@ -4053,9 +4630,9 @@ mod tests {
             limit in 1u32..9,
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let conn = open_database(&config(&dir)).unwrap();
-            run_ops(&conn, vec![create("a"), create("b"), create("c")]);
-            run_ops(&conn, vec![create_room_op(2, "r", 1), join_op(3, "r", 9, 9)]);
+            let mut db = open_database(&config(&dir)).unwrap();
+            run_ops(&mut db, vec![create("a"), create("b"), create("c")]);
+            run_ops(&mut db, vec![create_room_op(2, "r", 1), join_op(3, "r", 9, 9)]);
             let (a, b, c) = (1, 2, 3);
             let mut stored: Vec<StoredMessage> = Vec::new();
             // The model: a's window (joined_after, left_after) once a first joined.
@@ -4077,7 +4654,7 @@ mod tests {
                     },
                     _ => post_op(c, "r", client_msg_id, "c"),
                 };
-                match run_ops(&conn, vec![op]).remove(0) {
+                match run_ops(&mut db, vec![op]).remove(0) {
                     Outcome::Stored { message, duplicate: false } => stored.push(message),
                     Outcome::Joined { already_member, .. } => {
                         proptest::prop_assert_eq!(already_member, member);
@@ -4103,7 +4680,7 @@ mod tests {
             let mut after = 0;
             loop {
                 let op = Op::FetchFeed { user_id: a, after_id: after, limit };
-                let (messages, more) = page(run_ops(&conn, vec![op]).remove(0));
+                let (messages, more) = page(run_ops(&mut db, vec![op]).remove(0));
                 seen.extend(ids(&messages));
                 match messages.last() {
                     Some(last) if more => after = last.id,
@@ -4112,7 +4689,7 @@ mod tests {
             }
             proptest::prop_assert_eq!(&seen, &expected);
             let lookup = Op::LookupUser { username: "a".into() };
-            let Outcome::Credentials(Some((account, _))) = run_ops(&conn, vec![lookup]).remove(0)
+            let Outcome::Credentials(Some((account, _))) = run_ops(&mut db, vec![lookup]).remove(0)
             else { panic!("a vanished") };
             let newest = expected.last().copied().unwrap_or(0);
             proptest::prop_assert_eq!(account.max_message_id, newest);
