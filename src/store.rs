@@ -507,6 +507,8 @@ const MIGRATIONS: &[Migration] = &[
 /// before the job fails. Tests shorten it so lock failures show quickly.
 const BUSY_TIMEOUT: Duration = Duration::from_millis(if cfg!(test) { 100 } else { 5000 });
 
+/// WAL pages between automatic checkpoints (SQLite's default is 1000).
+const WAL_CHECKPOINT_PAGES: i64 = 8000;
 /// Most memory SQLite's page cache may use, in KiB.
 const PAGE_CACHE_KIB: i64 = 16 * 1024;
 
@@ -521,6 +523,19 @@ pub struct StoreHandle {
     jobs: SyncSender<Job>,
     worker: JoinHandle<()>,
     stats: Arc<Stats>,
+}
+
+/// The store thread runs at a lower priority than the loop (nice 5). Where they share a core — a small box,
+/// or a server pinned to one core — a batch of inserts would otherwise hold the core for milliseconds while
+/// the loop has sockets to read; at nice 5 the loop preempts it as soon as it has work, and the store still
+/// gets every cycle the loop does not use. Best effort: if the kernel says no, it runs at normal priority.
+fn yield_to_the_loop() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority takes plain integers and changes only the calling thread's priority (Linux nice is
+    // per thread).
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 5);
+    }
 }
 
 impl StoreHandle {
@@ -546,7 +561,10 @@ impl StoreHandle {
         };
         let worker = thread::Builder::new()
             .name("hubbub-store".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                yield_to_the_loop();
+                worker.run()
+            })
             .map_err(|e| StoreError::Spawn(e.to_string()))?;
         let handle = StoreHandle {
             jobs: job_tx,
@@ -668,6 +686,11 @@ fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
     // from the file, some 15% of the thread's time under load. The cache only grows as pages are
     // used, so a small database keeps a small cache.
     conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)?;
+    // Checkpoints copy the WAL back into the database in one burst of work on this thread; doing it every
+    // 8000 pages (32 MiB of WAL) instead of SQLite's 1000 copies a page rewritten by many commits once instead
+    // of many times. Under 15k paced messages/s on one shared core it cut the median latency from 10-15 ms
+    // to 1-8 ms in our runs. The WAL stays bounded by about this size between checkpoints.
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     // Off by default in SQLite, per connection, and a no-op inside a transaction: set it here.
     conn.pragma_update(None, "foreign_keys", true)
 }

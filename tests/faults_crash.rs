@@ -1230,9 +1230,9 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     make_room(&server, S1_ROOM, &reader_names[0], &everyone);
     // A backlog for a user who will be in the middle of catching up when the signal comes.
     let (mut c, _) = server.login(&sender_names[0], "backlog", NO_CATCH_UP);
-    let mut backlog: Vec<Sent> = (0..3000u64)
+    let mut backlog: Vec<Sent> = (0..4000u64)
         .map(|k| {
-            let text = format!("for the catcher {k:04} {}", "c".repeat(500));
+            let text = format!("for the catcher {k:04} {}", "c".repeat(1500));
             Sent::new(
                 &sender_names[0],
                 Target::User("catcher".into()),
@@ -1277,7 +1277,7 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
                     }
                     if let Some(g) = got_of(&packet) {
                         heard.got.push(g);
-                        std::thread::sleep(Duration::from_millis(1));
+                        std::thread::sleep(Duration::from_millis(4));
                     }
                 }
                 Err(e) => {
@@ -1368,7 +1368,9 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     );
     assert!(
         caught.got.len() < backlog.len(),
-        "the catcher had finished its catch-up before the signal: the test did not stop it mid-feed"
+        "the catcher had finished its catch-up before the signal ({} of {}): the test did not stop it mid-feed",
+        caught.got.len(),
+        backlog.len()
     );
     let mut catcher_ids = HashMap::new();
     check_feed_part("catcher", &caught.got, &backlog, &mut catcher_ids);

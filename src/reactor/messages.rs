@@ -334,6 +334,11 @@ impl Reactor {
     /// Asks the store for the next page of a session that is behind, once its output is below the low-water
     /// mark and no page is already on its way.
     pub(super) fn request_page_if_drained(&mut self, slot: usize) {
+        // A shutdown finishes what is pending and starts nothing new: the reader resumes from its cursor
+        // after the restart.
+        if self.shutdown.is_some() {
+            return;
+        }
         let low_water = self.config.out_low_water;
         let limit = self.config.feed_page;
         let Some(session) = self.sessions.get_mut(slot) else {
