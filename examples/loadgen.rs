@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example loadgen -- dm-throughput [--pairs 100 --window 64 --size 64 --seconds 10]
-//! cargo run --release --example loadgen -- dm-latency [--rate 20000]
+//! cargo run --release --example loadgen -- dm-latency [--rate 20000 --no-relay]
 //! cargo run --release --example loadgen -- idle [--connections 10000]
 //! cargo run --release --example loadgen -- login-storm [--logins 500]
 //! cargo run --release --example loadgen -- backlog [--backlog 50000 --pairs 10]
@@ -129,6 +129,9 @@ struct Opts {
     /// Do not pin the server and the generator to cores.
     #[arg(long)]
     no_pin: bool,
+    /// dm-latency: skip the same paced run against the in-process relay (relay-ceiling's) after the server's.
+    #[arg(long)]
+    no_relay: bool,
     /// Directory for temporary databases (default: the system's temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -1901,7 +1904,111 @@ fn scenario_dm(ctx: &Ctx, latency: bool) -> Result<Report, String> {
     outcome.report(&mut report, latency);
     server_stats(&mut report, &mut ctl);
     target.finish(ctx, &mut report);
+    if latency && !ctx.opts.no_relay {
+        // The server is stopped first, so the relay gets core 0 (when pinned) to itself, as the server had.
+        drop((net, ctl, target));
+        relay_latency(ctx, &mut report, &spec, &outcome)?;
+    }
     Ok(report)
+}
+
+/// dm-latency's paced workload, same rate and pairs, against the in-process relay: its latency beside the
+/// server's (this machine's own pauses show in both), and server/relay ratios.
+fn relay_latency(
+    ctx: &Ctx,
+    report: &mut Report,
+    server_spec: &PairSpec,
+    server: &PairOutcome,
+) -> Result<(), String> {
+    let pairs = server_spec.pairs;
+    let (relay, mut net) = connect_relay(ctx, pairs)?;
+    let spec = PairSpec {
+        recipients: (0..pairs).map(|p| format!("peer{p}")).collect(),
+        ..*server_spec
+    };
+    eprintln!("loadgen: dm-latency: running the same paced workload against the relay");
+    let outcome = run_pairs(&mut net, &spec)?;
+    drop(net);
+    report.text(
+        "relay",
+        "relay",
+        format!(
+            "relay-ceiling's mio thread in the generator{}, same rate and pairs",
+            if ctx.pin { ", pinned to core 0" } else { "" }
+        ),
+    );
+    report.num(
+        "relay_acked_per_sec",
+        "relay acked msgs/s",
+        outcome.acked_rate(),
+        0,
+    );
+    report.latency(
+        "relay_ack",
+        "relay send->ack",
+        &mut outcome.ack_us.clone(),
+        true,
+    );
+    report.latency(
+        "relay_deliver",
+        "relay send->deliver",
+        &mut outcome.deliver_us.clone(),
+        true,
+    );
+    if !outcome.late_us.is_empty() {
+        let late = Percentiles::of(&mut outcome.late_us.clone());
+        report.int(
+            "relay_generator_late_p99_us",
+            "relay generator lateness vs schedule p99 (us)",
+            late.p99 as u64,
+        );
+    }
+    let ratio = |a: u32, b: u32| if b > 0 { a as f64 / b as f64 } else { f64::NAN };
+    for (key, label, s, r) in [
+        ("ack", "send->ack", &server.ack_us, &outcome.ack_us),
+        (
+            "deliver",
+            "send->deliver",
+            &server.deliver_us,
+            &outcome.deliver_us,
+        ),
+    ] {
+        let (s, r) = (
+            Percentiles::of(&mut s.clone()),
+            Percentiles::of(&mut r.clone()),
+        );
+        report.num(
+            &format!("{key}_p50_over_relay"),
+            &format!("{label} p50 server/relay"),
+            ratio(s.p50, r.p50),
+            2,
+        );
+        report.num(
+            &format!("{key}_p99_over_relay"),
+            &format!("{label} p99 server/relay"),
+            ratio(s.p99, r.p99),
+            2,
+        );
+    }
+    report.int(
+        "relay_relayed",
+        "frames relayed by the relay",
+        relay.relayed.load(Ordering::Relaxed),
+    );
+    if !outcome.exactly_once() {
+        report.fail(format!(
+            "relay run: delivery not exactly once: {} missing, {} duplicates, {} misrouted",
+            outcome.missing, outcome.duplicates, outcome.misrouted
+        ));
+    }
+    if outcome.failed > 0 {
+        report.fail(format!(
+            "relay run: {} sends failed: {}",
+            outcome.failed,
+            outcome.errors_text()
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -2136,6 +2243,18 @@ fn relay_read(conn: &mut RelayConn, scratch: &mut [u8]) -> bool {
     }
 }
 
+/// Starts the relay (pinned to core 0, where the server goes, when pinning is on) and connects P pairs to it.
+fn connect_relay(ctx: &Ctx, pairs: usize) -> Result<(Relay, Net), String> {
+    let relay = start_relay(ctx.pin.then_some(0))?;
+    let mut net = Net::new()?;
+    // Connected one at a time, each waiting for its Hello, so the relay pairs 2p with 2p+1 as we do.
+    for _ in 0..2 * pairs {
+        let wire = Wire::connect(relay.addr, None).map_err(setup_err("relay connect"))?;
+        net.add_wire(wire)?;
+    }
+    Ok((relay, net))
+}
+
 fn scenario_relay(ctx: &Ctx) -> Result<Report, String> {
     let mut report = Report::new("relay-ceiling");
     let pairs = ctx.size(ctx.opts.pairs, 100, 4).max(1);
@@ -2145,13 +2264,7 @@ fn scenario_relay(ctx: &Ctx) -> Result<Report, String> {
         .opts
         .messages
         .or(if ctx.opts.smoke { Some(100) } else { None });
-    let relay = start_relay(ctx.pin.then_some(0))?;
-    let mut net = Net::new()?;
-    // Connected one at a time, each waiting for its Hello, so the relay pairs 2p with 2p+1 as we do.
-    for _ in 0..2 * pairs {
-        let wire = Wire::connect(relay.addr, None).map_err(setup_err("relay connect"))?;
-        net.add_wire(wire)?;
-    }
+    let (relay, mut net) = connect_relay(ctx, pairs)?;
     let spec = PairSpec {
         pairs,
         window,
@@ -3475,13 +3588,43 @@ fn scenario_all(ctx: &Ctx) -> Vec<Report> {
         ratio(dm, relay),
         3,
     );
+    if let Some(rate) = value("dm-latency", "offered_per_sec") {
+        summary.num(
+            "dm_latency_rate",
+            "dm-latency offered rate (msgs/s)",
+            rate,
+            0,
+        );
+    }
     for (key, label) in [
         ("deliver_p50_us", "dm-latency send->deliver p50 (us)"),
         ("deliver_p99_us", "dm-latency send->deliver p99 (us)"),
         ("deliver_p999_us", "dm-latency send->deliver p99.9 (us)"),
+        (
+            "relay_deliver_p50_us",
+            "relay at dm-latency rate send->deliver p50 (us)",
+        ),
+        (
+            "relay_deliver_p99_us",
+            "relay at dm-latency rate send->deliver p99 (us)",
+        ),
+        (
+            "relay_deliver_p999_us",
+            "relay at dm-latency rate send->deliver p99.9 (us)",
+        ),
+        (
+            "deliver_p50_over_relay",
+            "dm-latency send->deliver p50 server/relay",
+        ),
+        (
+            "deliver_p99_over_relay",
+            "dm-latency send->deliver p99 server/relay",
+        ),
     ] {
-        if let Some(v) = value("dm-latency", key) {
-            summary.int(&format!("dm_latency_{key}"), label, v as u64);
+        match find("dm-latency").and_then(|r| r.get(key)) {
+            Some(Val::Int(v)) => summary.int(&format!("dm_latency_{key}"), label, *v as u64),
+            Some(Val::Num(v, d)) => summary.num(&format!("dm_latency_{key}"), label, *v, *d),
+            _ => {}
         }
     }
     match room {

@@ -121,6 +121,19 @@ fn dm_latency() {
     assert_number(&out, "send->deliver p50 (us)");
     assert_number(&out, "send->deliver p99.9 (us)");
     assert_number(&out, "send->ack max (us)");
+    assert_number(&out, "relay send->ack p50 (us)");
+    assert_number(&out, "relay send->deliver p50 (us)");
+    assert_number(&out, "relay send->deliver p99.9 (us)");
+    assert_number(&out, "relay send->deliver max (us)");
+    assert_number(&out, "send->deliver p99 server/relay");
+    assert_eq!(row(&out, "result"), "ok");
+}
+
+#[test]
+fn dm_latency_no_relay() {
+    let out = run("dm-latency", &["--no-relay"]);
+    assert_number(&out, "send->deliver p99 (us)");
+    assert!(!out.contains("relay send->deliver"), "{out}");
     assert_eq!(row(&out, "result"), "ok");
 }
 
@@ -227,4 +240,8 @@ fn all_in_one() {
         );
     }
     assert!(out.contains("\"dm_over_store\":"), "{out}");
+    assert!(
+        out.contains("\"dm_latency_relay_deliver_p99_us\":"),
+        "{out}"
+    );
 }
