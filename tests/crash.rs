@@ -2,15 +2,15 @@
 //! the same database: every acknowledged message survives exactly once ([HB-5.1] "Ack only after the store
 //! commits", [HB-5.2] resends, [HB-5.3] catch-up from the store).
 
+mod common;
+
+use common::process::ServerProcess;
 use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{Message, Packet, Request};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,80 +25,20 @@ const WINDOW: usize = 32;
 // The server process
 // -------------------------------------------------------------------------------------------------------------
 
-/// A running `hubbub` process. Dropping it kills it (SIGKILL) and reaps it, whatever path the test took.
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    drain: Option<JoinHandle<()>>,
+/// The binary on `db`, with send rates far above the default 50 messages/s per session (the load below needs it).
+fn start_server(db: &Path) -> ServerProcess {
+    ServerProcess::launch(db)
+        .args(["--send-rate", "1000000", "--send-burst", "1000000"])
+        .start()
 }
 
-impl ServerProcess {
-    fn start(db: &Path) -> ServerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--db")
-            .arg(db)
-            .args(["--argon2-memory-kib", "8", "--argon2-iterations", "1"])
-            // The load below is far above the default 50 messages/s per session.
-            .args(["--send-rate", "1000000", "--send-burst", "1000000"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the hubbub binary");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        // Reads stderr to the end, so the pipe never fills; the first "listening on" line gives the address.
-        let drain = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(at) = line.find("listening on ") {
-                        let addr = line[at + "listening on ".len()..]
-                            .split_whitespace()
-                            .next()
-                            .and_then(|a| a.parse::<SocketAddr>().ok());
-                        if let (Some(addr), Some(tx)) = (addr, tx.take()) {
-                            let _ = tx.send(addr);
-                        }
-                    }
-                    let mut log = log.lock().unwrap();
-                    if log.len() >= 400 {
-                        log.remove(0);
-                    }
-                    log.push(line);
-                }
-            })
-        };
-        let mut process = ServerProcess {
-            child,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            log,
-            drain: Some(drain),
-        };
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => process.addr = addr,
-            Err(_) => {
-                process.kill();
-                panic!(
-                    "the server did not say where it listens; stderr:\n{}",
-                    process.log_text()
-                );
-            }
-        }
-        process
-    }
+/// Client sessions on the server under test.
+trait Sessions {
+    fn connect(&self) -> Client;
+    fn login(&self, name: &str, device: &str) -> Client;
+}
 
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
+impl Sessions for ServerProcess {
     fn connect(&self) -> Client {
         Client::connect(self.addr).unwrap()
     }
@@ -107,44 +47,6 @@ impl ServerProcess {
         let mut c = self.connect();
         c.login(name, PASSWORD, device, 0).unwrap();
         c
-    }
-
-    /// SIGKILL, and wait for it.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(drain) = self.drain.take() {
-            let _ = drain.join();
-        }
-    }
-
-    /// SIGTERM, then wait up to `within` for the exit; None if it did not exit in time.
-    fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                if let Some(drain) = self.drain.take() {
-                    let _ = drain.join();
-                }
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -360,7 +262,7 @@ fn hb_5_1_kill_9_mid_load_loses_no_acknowledged_message() {
     let db = dir.path().join("hubbub.db");
     let mut sent = Vec::new();
     for cycle in 0..CYCLES {
-        let mut server = ServerProcess::start(&db);
+        let mut server = start_server(&db);
         if cycle == 0 {
             register_all(&server);
         }
@@ -379,7 +281,7 @@ fn hb_5_1_kill_9_mid_load_loses_no_acknowledged_message() {
         sent.extend(made);
     }
 
-    let server = ServerProcess::start(&db);
+    let server = start_server(&db);
     let delivered = read_all(&server);
     let stored = check_delivered(&sent, &delivered);
     let unacked_stored = sent
@@ -442,7 +344,7 @@ fn hb_5_1_kill_9_mid_load_loses_no_acknowledged_message() {
 fn hb_5_1_sigterm_mid_load_exits_cleanly_and_keeps_every_ack() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     register_all(&server);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -467,7 +369,7 @@ fn hb_5_1_sigterm_mid_load_exits_cleanly_and_keeps_every_ack() {
         server.log_text()
     );
 
-    let restarted = ServerProcess::start(&db);
+    let restarted = start_server(&db);
     let delivered = read_all(&restarted);
     check_delivered(&sent, &delivered);
     drop(restarted);

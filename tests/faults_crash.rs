@@ -17,16 +17,17 @@
 //! `HUBBUB_FAULT_SEED=<seed>` replays it. Longer variants, the prlimit variants and the tests that expose known
 //! server bugs are `#[ignore]`d: `cargo test --test faults_crash -- --ignored`.
 
+mod common;
+
+use common::process::ServerProcess;
 use hubbub::client::{Client, ClientError, LoginInfo};
 use hubbub::protocol::{Packet, Request};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PASSWORD: &str = "password123";
@@ -99,94 +100,21 @@ impl Rng {
 // The server process
 // -------------------------------------------------------------------------------------------------------------
 
-/// A running `hubbub` binary. Dropping it kills it (SIGKILL) and reaps it, whatever path the test took.
-struct ServerProcess {
-    child: Child,
-    addr: SocketAddr,
-    /// The last lines of its stderr.
-    log: Arc<Mutex<Vec<String>>>,
-    /// Every stderr line that mentions a panic.
-    panics: Arc<Mutex<Vec<String>>>,
-    drain: Option<JoinHandle<()>>,
-    status: Option<ExitStatus>,
+/// The binary on `db`, with send rates far above the default 50 messages/s per session.
+fn start_server(db: &Path) -> ServerProcess {
+    ServerProcess::launch(db)
+        .args(["--send-rate", "1000000", "--send-burst", "1000000"])
+        .keep_lines(300)
+        .start()
 }
 
-impl ServerProcess {
-    fn start(db: &Path) -> ServerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--db")
-            .arg(db)
-            .args(["--argon2-memory-kib", "8", "--argon2-iterations", "1"])
-            .args(["--send-rate", "1000000", "--send-burst", "1000000"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the hubbub binary");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let panics = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        // Reads stderr to its end so the pipe never fills; the first "listening on" line gives the address.
-        let drain = {
-            let log = Arc::clone(&log);
-            let panics = Arc::clone(&panics);
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(at) = line.find("listening on ") {
-                        let addr = line[at + "listening on ".len()..]
-                            .split_whitespace()
-                            .next()
-                            .and_then(|a| a.parse::<SocketAddr>().ok());
-                        if let (Some(addr), Some(tx)) = (addr, tx.take()) {
-                            let _ = tx.send(addr);
-                        }
-                    }
-                    if line.contains("panicked") {
-                        panics.lock().unwrap().push(line.clone());
-                    }
-                    let mut log = log.lock().unwrap();
-                    if log.len() >= 300 {
-                        log.remove(0);
-                    }
-                    log.push(line);
-                }
-            })
-        };
-        let mut process = ServerProcess {
-            child,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            log,
-            panics,
-            drain: Some(drain),
-            status: None,
-        };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => process.addr = addr,
-            Err(_) => {
-                process.kill();
-                panic!(
-                    "the server did not say where it listens; stderr:\n{}",
-                    process.log_text()
-                );
-            }
-        }
-        process
-    }
+/// Client sessions on the server under test.
+trait Sessions {
+    fn connect(&self) -> Client;
+    fn login(&self, name: &str, device: &str, last_seen: u64) -> (Client, LoginInfo);
+}
 
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
+impl Sessions for ServerProcess {
     fn connect(&self) -> Client {
         Client::connect(self.addr).unwrap_or_else(|e| panic!("connect to {}: {e}", self.addr))
     }
@@ -197,65 +125,6 @@ impl ServerProcess {
             .login(name, PASSWORD, device, last_seen)
             .unwrap_or_else(|e| panic!("{name} logs in on {device}: {e}"));
         (c, info)
-    }
-
-    /// True while the process has not exited.
-    fn is_running(&mut self) -> bool {
-        self.status.is_none() && matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn finish_drain(&mut self) {
-        if let Some(drain) = self.drain.take() {
-            let _ = drain.join();
-        }
-    }
-
-    /// SIGKILL, and wait for it.
-    fn kill(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            self.status = self.child.wait().ok();
-        }
-        self.finish_drain();
-    }
-
-    /// SIGTERM through `kill -TERM PID`, then wait up to `within` for the exit; None if it did not exit in time
-    /// (the process is still running then; Drop kills it).
-    fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.status = Some(status);
-                self.finish_drain();
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Call once the process has exited (its stderr is then read to the end).
-    fn assert_no_panics(&self) {
-        let panics = self.panics.lock().unwrap();
-        assert!(
-            panics.is_empty(),
-            "the server panicked: {panics:?}\nstderr:\n{}",
-            self.log_text()
-        );
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -756,7 +625,7 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
     // The second device of reader0: live during the load, it resumes each time from its own last seen id.
     let mut phone_got: Vec<Got> = Vec::new();
     for cycle in 0..cycles {
-        let mut server = ServerProcess::start(&db);
+        let mut server = start_server(&db);
         if cycle == 0 {
             register(&server, &everyone);
             make_room(&server, S1_ROOM, &phone_owner, &everyone);
@@ -820,7 +689,7 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
 
     // After the last restart: every reader (and one sender, whose feed holds its own messages) from 0, the phone
     // from its own last seen id.
-    let server = ServerProcess::start(&db);
+    let server = start_server(&db);
     let all: Vec<Sent> = sent.into_iter().flatten().collect();
     let mut ids = HashMap::new();
     let mut checked = Vec::new();
@@ -901,7 +770,7 @@ fn kill_during_backlog(backlog: usize) {
     let mut rng = Rng::for_test("kill_during_backlog");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     register(&server, &["feeder".into(), "reader".into()]);
 
     // The backlog: `backlog` messages of about 1 KB, all acknowledged, while the reader is offline.
@@ -966,7 +835,7 @@ fn kill_during_backlog(backlog: usize) {
     drop(c);
 
     // After the restart the reader resumes from the highest id it saw.
-    let server = ServerProcess::start(&db);
+    let server = start_server(&db);
     let (mut c, info) = server.login("reader", "laptop", highest);
     assert_eq!(
         info.delivered_cursor, confirmed,
@@ -1036,7 +905,7 @@ fn kill_during_resend(n: usize) {
     let mut rng = Rng::for_test("kill_during_resend");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     register(&server, &["writer".into(), "target".into()]);
     make_room(&server, "den", "target", &["writer".into()]);
 
@@ -1115,7 +984,7 @@ fn kill_during_resend(n: usize) {
 
     // Round C: after the restart, resend every message still without an Ack: all acked now, a committed one
     // under its original id and timestamp, the others under new ids.
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     let pending = unacked(&sends);
     let mut c = server.connect();
     c.login("writer", PASSWORD, "desk", NO_CATCH_UP).unwrap();
@@ -1219,7 +1088,7 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let mut rng = Rng::for_test("sigterm_under_load");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     const SENDERS: usize = 3;
     const READERS: usize = 3;
     let sender_names: Vec<String> = (0..SENDERS).map(s1_sender).collect();
@@ -1375,7 +1244,7 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let mut catcher_ids = HashMap::new();
     check_feed_part("catcher", &caught.got, &backlog, &mut catcher_ids);
 
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     let mut ids = HashMap::new();
     sent.extend(backlog.iter().cloned());
     for name in reader_names.iter().chain(&sender_names[..1]) {
@@ -1610,7 +1479,7 @@ fn disk_full(method: Option<&str>) {
         }
     };
     let db = mnt.join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     register(&server, &["filler".into(), "sink".into()]);
     make_room(&server, "vault", "sink", &["filler".into()]);
     let (sink, _) = server.login("sink", "live", NO_CATCH_UP);
@@ -1730,7 +1599,7 @@ fn disk_full(method: Option<&str>) {
         server.log_text()
     );
     server.assert_no_panics();
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     let (mut s, _) = server.login("sink", "after", 0);
     let (got, _) = read_until_caught_up(&mut s, "sink");
     let check = check_feed("sink", &got, &sends, &mut ids);
@@ -1769,7 +1638,7 @@ fn kill_9_while_full(method: Option<&str>) {
         }
     };
     let db = mnt.join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     register(&server, &["filler".into(), "sink".into()]);
     make_room(&server, "vault", "sink", &["filler".into()]);
     let (mut c, _) = server.login("filler", "load", NO_CATCH_UP);
@@ -1796,7 +1665,7 @@ fn kill_9_while_full(method: Option<&str>) {
     let acked_before = sends.iter().filter(|s| s.acked.is_some()).count();
 
     // Restart on the full disk: it starts and serves; what needs a write fails with SERVER_ERROR.
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     let _ = limit.squeeze(&server, &db, 0);
     let mut probe = server.connect();
     probe.ping().expect("Ping after a restart on a full disk");
@@ -1882,7 +1751,7 @@ fn catch_up_while_full(method: Option<&str>) {
         }
     };
     let db = mnt.join("hubbub.db");
-    let mut server = ServerProcess::start(&db);
+    let mut server = start_server(&db);
     register(&server, &["filler".into(), "sink".into(), "reader".into()]);
     make_room(&server, "vault", "sink", &["filler".into()]);
 

@@ -16,15 +16,17 @@
 //! `HUBBUB_FAULT_LOG=debug` runs the servers with that `RUST_LOG` (default `info`). Figures (RSS, timings,
 //! counters) are printed; see them with `--nocapture`.
 
+mod common;
+
+use common::process::{raise_nofile, rss_of, ServerProcess};
 use hubbub::client::{Client, ClientError};
 use hubbub::framing::{put_header, split_frame, HEADER_LEN};
 use hubbub::protocol::{code, is_packet_kind, is_request_kind, kind, Message, Packet, Request};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::{sleep, JoinHandle};
@@ -39,7 +41,7 @@ const PAIR_RTT_BOUND: Duration = Duration::from_secs(2);
 const MIB: u64 = 1024;
 
 // -------------------------------------------------------------------------------------------------------------
-// One test at a time; our own open-file limit
+// One test at a time
 // -------------------------------------------------------------------------------------------------------------
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -51,156 +53,29 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Raises this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now in force.
-fn raise_nofile() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    limit.rlim_cur
-}
-
 // -------------------------------------------------------------------------------------------------------------
 // The server process
 // -------------------------------------------------------------------------------------------------------------
 
-/// What the server wrote to stderr. Lines are kept up to a cap; lines mentioning a panic are always kept.
-#[derive(Default)]
-struct ServerLog {
-    lines: Vec<String>,
-    dropped: usize,
-    panics: Vec<String>,
+/// Starts the binary on `dir/hubbub.db` with cheap hashing plus `extra` flags. It runs under `sh -c 'ulimit -n
+/// 20000; exec hubbub …'`, so its pid is the server's own and it may hold thousands of connections.
+fn start_server(dir: &Path, extra: &[&str]) -> ServerProcess {
+    ServerProcess::launch(dir.join("hubbub.db"))
+        .nofile(20_000)
+        .args(extra)
+        .rust_log(std::env::var("HUBBUB_FAULT_LOG").unwrap_or("info".into()))
+        .keep_lines(200_000)
+        .start()
 }
 
-const LOG_CAP: usize = 200_000;
-
-/// A running `hubbub` process. Dropping it kills it (SIGKILL) and reaps it, whatever path the test took.
-struct ServerProcess {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    log: Arc<Mutex<ServerLog>>,
-    drain: Option<JoinHandle<()>>,
+/// Client sessions on the server under test.
+trait Sessions {
+    fn client(&self) -> Client;
+    fn login(&self, name: &str) -> Client;
+    fn login_with(&self, name: &str, password: &str) -> Client;
 }
 
-impl ServerProcess {
-    /// Starts the binary on `dir/hubbub.db` with cheap hashing plus `extra` flags. It runs under `sh -c 'ulimit
-    /// -n 20000; exec hubbub …'`, so its pid is the server's own and it may hold thousands of connections.
-    fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
-        let db = dir.join("hubbub.db");
-        let script =
-            "ulimit -n 20000 2>/dev/null || ulimit -n \"$(ulimit -Hn)\"; exec \"$0\" \"$@\"";
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg(env!("CARGO_BIN_EXE_hubbub"))
-            .args(["--listen", "127.0.0.1:0", "--db"])
-            .arg(&db)
-            .args(["--argon2-memory-kib", "8", "--argon2-iterations", "1"])
-            .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("HUBBUB_FAULT_LOG").unwrap_or("info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the hubbub binary");
-        let pid = child.id();
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(ServerLog::default()));
-        let (tx, rx) = mpsc::channel();
-        // Reads stderr to its end, so the pipe never fills; the "listening on" line gives the address.
-        let drain = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(at) = line.find("listening on ") {
-                        let addr = line[at + "listening on ".len()..]
-                            .split_whitespace()
-                            .next()
-                            .and_then(|a| a.parse::<SocketAddr>().ok());
-                        if let (Some(addr), Some(tx)) = (addr, tx.take()) {
-                            let _ = tx.send(addr);
-                        }
-                    }
-                    let mut log = log.lock().unwrap();
-                    if line.contains("panicked") || line.contains("RUST_BACKTRACE") {
-                        log.panics.push(line.clone());
-                    }
-                    if log.lines.len() < LOG_CAP {
-                        log.lines.push(line);
-                    } else {
-                        log.dropped += 1;
-                    }
-                }
-            })
-        };
-        let mut process = ServerProcess {
-            child,
-            pid,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            log,
-            drain: Some(drain),
-        };
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => process.addr = addr,
-            Err(_) => {
-                process.kill();
-                panic!(
-                    "the server did not say where it listens; stderr:\n{}",
-                    process.log_tail(50)
-                );
-            }
-        }
-        process
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let log = self.log.lock().unwrap();
-        let from = log.lines.len().saturating_sub(n);
-        log.lines[from..].join("\n")
-    }
-
-    fn panics(&self) -> Vec<String> {
-        self.log.lock().unwrap().panics.clone()
-    }
-
-    fn log_lines(&self) -> (usize, usize) {
-        let log = self.log.lock().unwrap();
-        (log.lines.len(), log.dropped)
-    }
-
-    /// The server's resident set size, from /proc/PID/status, in KiB.
-    fn rss_kib(&self) -> u64 {
-        rss_of(self.pid).expect("VmRSS of the server from /proc/PID/status")
-    }
-
-    /// The open file descriptors of the server (to show the connection count from outside).
-    fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
+impl Sessions for ServerProcess {
     fn client(&self) -> Client {
         Client::connect(self.addr).expect("connect a client")
     }
@@ -216,59 +91,6 @@ impl ServerProcess {
             .unwrap_or_else(|e| panic!("login {name}: {e}"));
         drain_until_caught_up(&mut c);
         c
-    }
-
-    /// The server is alive, has not panicked, and still greets and answers a new connection.
-    fn assert_healthy(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "the server exited ({status}); stderr tail:\n{}",
-                self.log_tail(80)
-            );
-        }
-        let panics = self.panics();
-        assert!(
-            panics.is_empty(),
-            "the server panicked:\n{}",
-            panics.join("\n")
-        );
-        let mut c = self.client();
-        c.ping().expect("the server still answers Ping");
-    }
-
-    /// SIGTERM, then wait up to `within` for the exit.
-    fn stop(&mut self, within: Duration) -> Option<ExitStatus> {
-        // SAFETY: sends a signal to our own child, which we have not reaped yet.
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                if let Some(drain) = self.drain.take() {
-                    let _ = drain.join();
-                }
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(drain) = self.drain.take() {
-            let _ = drain.join();
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -1345,7 +1167,7 @@ fn hostile_bytes(rounds: usize, inputs: usize, workers: usize, linger_per_worker
     let seed = seed();
     println!("hostile_bytes: seed {seed} (HUBBUB_FAULT_SEED={seed} repeats it)");
     let dir = fresh_dir();
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &[
             "--max-per-ip",
@@ -1372,7 +1194,7 @@ fn hostile_bytes(rounds: usize, inputs: usize, workers: usize, linger_per_worker
     let peak_rss = Arc::new(AtomicUsize::new(baseline as usize));
     let done = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let (peak, done, pid) = (Arc::clone(&peak_rss), Arc::clone(&done), server.pid);
+        let (peak, done, pid) = (Arc::clone(&peak_rss), Arc::clone(&done), server.pid());
         std::thread::spawn(move || {
             while !done.load(Ordering::SeqCst) {
                 if let Some(kib) = rss_of(pid) {
@@ -1474,15 +1296,6 @@ fn hostile_bytes(rounds: usize, inputs: usize, workers: usize, linger_per_worker
     }
 }
 
-fn rss_of(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Memory held for unfinished frames is given back once their connections close: 600 connections each send
 /// 60 KiB of a 64 KiB frame (the server must buffer it, [HB-2.2]) and then go away; the server's RSS must come
 /// back near its baseline. It does not: the tails are kept in Vecs of 32–128 KiB, below glibc's mmap threshold,
@@ -1492,7 +1305,7 @@ fn partial_frame_memory_is_given_back() {
     let _serial = serial();
     raise_nofile();
     let dir = fresh_dir();
-    let mut server = ServerProcess::start(dir.path(), &["--max-per-ip", "100000"]);
+    let mut server = start_server(dir.path(), &["--max-per-ip", "100000"]);
     register_all(&server, &["watcher"]);
     let mut watcher = server.login("watcher");
     sleep(Duration::from_millis(300));
@@ -1709,7 +1522,7 @@ fn slowloris(n: usize, threads: usize) {
     );
     let dir = fresh_dir();
     let max_conn = (n + 500).to_string();
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &[
             "--auth-timeout",
@@ -1891,7 +1704,7 @@ fn connect_storm_is_not_dropped() {
     let _serial = serial();
     raise_nofile();
     let dir = fresh_dir();
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &["--max-per-ip", "1000000", "--auth-timeout", "60s"],
     );
@@ -1986,7 +1799,7 @@ fn floods_are_rate_limited_and_parked() {
     raise_nofile();
     let dir = fresh_dir();
     let (rate, burst, high_water) = (20u64, 20u64, 65_536u64);
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &[
             "--send-rate",
@@ -2264,7 +2077,7 @@ fn admitted_soon(addr: SocketAddr, local: Option<Ipv4Addr>, refusal: u16) -> Con
 fn connection_limit_refuses_then_recovers() {
     let _serial = serial();
     let dir = fresh_dir();
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &["--max-connections", "50", "--max-per-ip", "1000"],
     );
@@ -2318,7 +2131,7 @@ fn connection_limit_refuses_then_recovers() {
 fn per_address_limit_refuses_the_eleventh() {
     let _serial = serial();
     let dir = fresh_dir();
-    let mut server = ServerProcess::start(dir.path(), &["--max-per-ip", "10"]);
+    let mut server = start_server(dir.path(), &["--max-per-ip", "10"]);
     register_all(&server, &["other"]);
     let one = Ipv4Addr::new(127, 0, 0, 1);
     let two = Ipv4Addr::new(127, 0, 0, 2);
@@ -2369,7 +2182,7 @@ fn slow_readers(readers: usize, messages: usize) {
     let _serial = serial();
     raise_nofile();
     let dir = fresh_dir();
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &[
             "--out-high-water",
@@ -2688,7 +2501,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
         "--send-burst",
         "1000000",
     ];
-    let mut server = ServerProcess::start(dir.path(), &flags);
+    let mut server = start_server(dir.path(), &flags);
     let max_text = 8192;
     // Valid names that hold SQL LIKE wildcards or punctuation, with hostile passwords.
     let accounts: [(&str, &str); 7] = [
@@ -2984,7 +2797,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
     }
     server.assert_healthy();
     let status = server
-        .stop(Duration::from_secs(15))
+        .terminate(Duration::from_secs(15))
         .expect("the server did not stop on SIGTERM");
     assert!(status.success(), "the server exited with {status}");
     let db_path: PathBuf = dir.path().join("hubbub.db");
@@ -3014,7 +2827,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
             users.len()
         );
     }
-    let mut server = ServerProcess::start(dir.path(), &flags);
+    let mut server = start_server(dir.path(), &flags);
     let mut a = server.login_with("a_b", accounts[0].1);
     let history = all_history(&mut a, "axb", false);
     assert_eq!(history.len(), direct.len());
@@ -3028,7 +2841,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
     drop(a);
     server.assert_healthy();
     let status = server
-        .stop(Duration::from_secs(15))
+        .terminate(Duration::from_secs(15))
         .expect("no stop after restart");
     assert!(status.success());
 }

@@ -20,16 +20,17 @@
 //! this test process raises its own soft limit to the hard one. Everything is on loopback, every wait is bounded,
 //! and dropping a `ServerProcess` kills (SIGKILL) and reaps the child on every path, panics included.
 
+mod common;
+
+use common::process::{nofile_of, raise_nofile, send_signal, status_kib, ServerProcess};
 use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{code, Packet, Request, Token};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::io::{BufRead, BufReader};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,251 +43,21 @@ const SERVER_NOFILE: u32 = 20_000;
 // Process helpers
 // -------------------------------------------------------------------------------------------------------------
 
-/// Raises this process's RLIMIT_NOFILE soft limit to its hard limit; returns the new soft limit.
-fn raise_nofile() -> u64 {
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                return raised.rlim_cur;
-            }
-        }
-        limit.rlim_cur
-    }
-}
-
-/// A `kB` field of /proc/PID/status (VmRSS, VmHWM, …), in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// Open descriptors of a process: the entries of /proc/PID/fd.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// The soft "Max open files" of a process, from /proc/PID/limits.
-fn nofile_of(pid: u32) -> u64 {
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// What the server wrote to stderr: a tail of it, and every line worth a look kept whole.
-#[derive(Default)]
-struct ServerLog {
-    tail: VecDeque<String>,
-    lines: u64,
-    panics: Vec<String>,
-    warnings: Vec<String>,
-}
-
+/// Lines of the server's stderr kept.
 const LOG_TAIL: usize = 3000;
 
-/// A running `hubbub` process. Dropping it kills (SIGKILL) and reaps it, whatever path the test took.
-struct ServerProcess {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-    log: Arc<Mutex<ServerLog>>,
-    drain: Option<JoinHandle<()>>,
-}
-
-impl ServerProcess {
-    /// Starts the binary on 127.0.0.1:0 with a database in `dir`, its descriptor limit raised, and waits for the
-    /// "listening on" line. `extra` flags come after the standard ones.
-    fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(format!(
-                r#"ulimit -n {SERVER_NOFILE} 2>/dev/null || ulimit -n "$(ulimit -H -n)"; exec "$0" "$@""#
-            ))
-            .arg(env!("CARGO_BIN_EXE_hubbub"))
-            .args(["--listen", "127.0.0.1:0", "--db"])
-            .arg(dir.join("hubbub.db"))
-            .args(["--argon2-memory-kib", "8", "--argon2-iterations", "1"])
-            .args(["--max-connections", "20000", "--max-per-ip", "20000"])
-            .args(["--max-sessions-per-user", "1000", "--idle-timeout", "10m"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+/// Starts the binary on 127.0.0.1:0 with a database in `dir`, its descriptor limit raised, and waits for the
+/// "listening on" line. `extra` flags come after the standard ones.
+fn start_server(dir: &Path, extra: &[&str]) -> ServerProcess {
+    ServerProcess::launch(dir.join("hubbub.db"))
+        .nofile(SERVER_NOFILE)
+        .args(["--max-connections", "20000", "--max-per-ip", "20000"])
+        .args(["--max-sessions-per-user", "1000", "--idle-timeout", "10m"])
+        .args(extra)
         // Flags win over the environment anyway, but a stray HUBBUB_* setting must not change what is not flagged.
-        for (key, _) in std::env::vars() {
-            if key.starts_with("HUBBUB_") {
-                command.env_remove(key);
-            }
-        }
-        let mut child = command.spawn().expect("start the hubbub binary");
-        let pid = child.id();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(ServerLog::default()));
-        let (tx, rx) = mpsc::channel();
-        // Reads stderr to its end, so the pipe never fills and blocks the server's logging.
-        let drain = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(at) = line.find("listening on ") {
-                        let addr = line[at + "listening on ".len()..]
-                            .split_whitespace()
-                            .next()
-                            .and_then(|a| a.parse::<SocketAddr>().ok());
-                        if let (Some(addr), Some(tx)) = (addr, tx.take()) {
-                            let _ = tx.send(addr);
-                        }
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.lines += 1;
-                    if line.contains("panicked") {
-                        log.panics.push(line.clone());
-                    }
-                    if (line.contains(" WARN ") || line.contains(" ERROR "))
-                        && log.warnings.len() < 200
-                    {
-                        log.warnings.push(line.clone());
-                    }
-                    if log.tail.len() >= LOG_TAIL {
-                        log.tail.pop_front();
-                    }
-                    log.tail.push_back(line);
-                }
-            })
-        };
-        let mut process = ServerProcess {
-            child,
-            pid,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            log,
-            drain: Some(drain),
-        };
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => process.addr = addr,
-            Err(_) => {
-                process.kill();
-                panic!(
-                    "the server did not say where it listens; stderr:\n{}",
-                    process.log_tail(50)
-                );
-            }
-        }
-        process
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let log = self.log.lock().unwrap();
-        let skip = log.tail.len().saturating_sub(n);
-        log.tail
-            .iter()
-            .skip(skip)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn panics(&self) -> Vec<String> {
-        self.log.lock().unwrap().panics.clone()
-    }
-
-    fn warnings(&self) -> Vec<String> {
-        self.log.lock().unwrap().warnings.clone()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        rss_kib(self.pid)
-    }
-
-    fn fds(&self) -> usize {
-        fd_count(self.pid)
-    }
-
-    /// Waits until the descriptor count has not changed for `quiet`, or `within` has passed; returns it.
-    fn settled_fds(&self, quiet: Duration, within: Duration, at_most: Option<usize>) -> usize {
-        let deadline = Instant::now() + within;
-        let mut last = self.fds();
-        let mut since = Instant::now();
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = self.fds();
-            if now != last {
-                last = now;
-                since = Instant::now();
-            }
-            let low_enough = at_most.is_none_or(|m| last <= m);
-            if (since.elapsed() >= quiet && low_enough) || Instant::now() >= deadline {
-                return last;
-            }
-        }
-    }
-
-    /// SIGTERM (`kill -TERM PID`), then waits up to `within`; None if it did not exit in time.
-    fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                if let Some(drain) = self.drain.take() {
-                    let _ = drain.join();
-                }
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGKILL, and reap it.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(drain) = self.drain.take() {
-            let _ = drain.join();
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+        .clear_hubbub_env()
+        .keep_lines(LOG_TAIL)
+        .start()
 }
 
 /// A blocking TCP connection to `server` from `source` (port chosen by the kernel), bound before connecting so
@@ -415,8 +186,8 @@ fn scale_scenario(n: usize) {
     let pairs = (users / 2).min(100);
     let names: Vec<String> = (0..users).map(|i| format!("scale{i:05}")).collect();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(dir.path(), &[]);
-    let server_nofile = nofile_of(server.pid);
+    let mut server = start_server(dir.path(), &[]);
+    let server_nofile = nofile_of(server.pid());
     assert!(
         server_nofile as usize >= n + 100,
         "the server may open only {server_nofile} descriptors"
@@ -475,7 +246,7 @@ fn scale_scenario(n: usize) {
     assert_no_problems("every session answers a Ping after login", &problems);
     std::thread::sleep(Duration::from_secs(1));
     let rss1 = server.rss_kib();
-    let fds1 = server.fds();
+    let fds1 = server.open_fds();
     let per_conn_bytes = (rss1.saturating_sub(rss0) * 1024) as f64 / n as f64;
     eprintln!(
         "scale {n}: setup {setup_secs:.1}s, {n} connections logged in in {open_secs:.1}s; server RSS \
@@ -629,7 +400,7 @@ fn scale_scenario(n: usize) {
          server RSS after traffic {:.1} MiB (VmHWM {:.1} MiB)",
         sent.len(),
         mib(rss2),
-        mib(status_kib(server.pid, "VmHWM:"))
+        mib(status_kib(server.pid(), "VmHWM:").unwrap_or(0))
     );
     assert_no_problems("message delivery among paired users", &problems);
     assert!(
@@ -688,16 +459,6 @@ fn ten_thousand_connections() {
     scale_scenario(10_000);
 }
 
-/// Sends `signal` (e.g. "-STOP", "-CONT") to a process with kill(1).
-fn send_signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(signal)
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill {signal} {pid} failed");
-}
-
 /// A burst of connections that arrives while the loop is busy for a moment must wait in the kernel's accept
 /// queue, not be dropped. The loop is frozen with SIGSTOP (the kernel still completes handshakes and queues them,
 /// up to the listen backlog), 512 non-blocking connects are made, then the loop goes on: every connection must
@@ -708,8 +469,8 @@ fn connect_burst_is_queued() {
     const BURST: usize = 512;
     raise_nofile();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(dir.path(), &[]);
-    send_signal(server.pid, "-STOP");
+    let mut server = start_server(dir.path(), &[]);
+    send_signal(server.pid(), "-STOP");
     let sockets: Vec<Socket> = (0..BURST)
         .map(|i| {
             let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
@@ -727,7 +488,7 @@ fn connect_burst_is_queued() {
     std::thread::sleep(Duration::from_millis(300));
     // Client side only (for the report): getpeername fails while SYN_SENT, i.e. if the SYN was dropped.
     let established = sockets.iter().filter(|s| s.peer_addr().is_ok()).count();
-    send_signal(server.pid, "-CONT");
+    send_signal(server.pid(), "-CONT");
 
     // Whatever the backlog, every connection gets its Hello eventually (after SYN or SYN-ACK retransmits), and
     // the server still serves. The sockets stay non-blocking and are polled together.
@@ -1532,7 +1293,7 @@ fn soak() {
     let soak_for = Duration::from_secs(secs);
     let dir = tempfile::tempdir().unwrap();
     // A small high-water mark, so that a slow reader pausing for seconds falls back to catch-up ([HB-5.6]).
-    let mut server = ServerProcess::start(
+    let mut server = start_server(
         dir.path(),
         &["--out-high-water", "16384", "--out-low-water", "4096"],
     );
@@ -1588,7 +1349,7 @@ fn soak() {
     while traffic_started.elapsed() < soak_for {
         std::thread::sleep(Duration::from_secs(1));
         tick += 1;
-        let (rss, fds) = (server.rss_kib(), server.fds());
+        let (rss, fds) = (server.rss_kib(), server.open_fds());
         samples.push((tick, rss, fds));
         if warm.is_none() && traffic_started.elapsed() >= warmup {
             warm = Some((rss, fds));
@@ -1606,9 +1367,9 @@ fn soak() {
             );
         }
     }
-    let (rss_warm, fds_warm) = warm.unwrap_or((server.rss_kib(), server.fds()));
+    let (rss_warm, fds_warm) = warm.unwrap_or((server.rss_kib(), server.open_fds()));
     let rss_traffic_end = server.rss_kib();
-    let fds_traffic_end = server.fds();
+    let fds_traffic_end = server.open_fds();
 
     // Stop sending; every acknowledged message is now known.
     ctx.stop_traffic.store(true, Ordering::SeqCst);
@@ -1762,7 +1523,7 @@ fn soak() {
         c.ping().expect("the server answers a final Ping");
     }
     let status = server.terminate(Duration::from_secs(10));
-    let log_lines = server.log.lock().unwrap().lines;
+    let log_lines = server.log_line_count();
     eprintln!(
         "soak {secs}s: exit {status:?}; total {:.1}s; server log {} lines, {} warnings",
         started.elapsed().as_secs_f64(),

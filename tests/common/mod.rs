@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: a real server on 127.0.0.1:0 with a temporary database.
 #![allow(dead_code)]
 
+pub mod process;
+
 use hubbub::auth::HashParams;
 use hubbub::client::{Client, ClientError};
 use hubbub::{Config, RunningServer, Server};
