@@ -108,6 +108,15 @@ pub struct Frame<'a> {
 }
 
 /// Step two: take the first whole frame from `buf`, if there is one.
+///
+/// ```
+/// use hubbub::framing::split_frame;
+/// let ping = [0x48, 0x42, 0x01, 0x01, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00];
+/// let frame = split_frame(&ping, 65536, |_| true).unwrap().unwrap();
+/// assert_eq!((frame.header.kind, frame.header.request_id, frame.len), (0x01, 7, 12));
+/// // Eleven bytes are not a frame yet: "wait for more", not an error.
+/// assert_eq!(split_frame(&ping[..11], 65536, |_| true), Ok(None));
+/// ```
 /// `Ok(None)` means "wait for more bytes". A bad header is reported as soon as its
 /// 12 bytes are present, even if the body never comes.
 pub fn split_frame(

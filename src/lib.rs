@@ -13,6 +13,27 @@
 //! * [`auth`] — name and password rules, the argon2id hashing pool, login throttling.
 //! * [`config`] — every setting and limit, with its flag and environment variable.
 //! * [`client`] — a small blocking client used by tests, examples and the load generator.
+//!
+//! # Embedding
+//!
+//! A server binds from a [`Config`], runs on a thread of its own, and stops through its handle:
+//!
+//! ```
+//! let dir = tempfile::tempdir()?;
+//! let config = hubbub::Config {
+//!     listen: "127.0.0.1:0".parse()?,
+//!     db: dir.path().join("hubbub.db"),
+//!     hash_params: hubbub::auth::HashParams::TEST,
+//!     ..Default::default()
+//! };
+//! let server = hubbub::Server::bind(config)?.spawn()?;
+//! let mut alice = hubbub::client::Client::connect(server.addr)?;
+//! alice.register("alice", "correct horse")?;
+//! alice.login("alice", "correct horse", "doc", 0)?;
+//! alice.ping()?;
+//! server.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(missing_debug_implementations, rust_2018_idioms, unused_imports)]
 
 pub mod auth;
