@@ -1182,3 +1182,52 @@ fn hb_5_3_an_ack_moves_a_live_senders_cursor() {
     assert!(replayed.is_empty(), "own message replayed: {replayed:?}");
     assert_eq!(cursor, id);
 }
+
+// [HB-5.1] [HB-8] The store queue at its edge: while the store cannot take more jobs (its queue of 2 is full
+// and the database is locked by someone else), the loop stops reading frames — from every session, so even a
+// Ping waits — and drops nothing; once the database is free every Send is acked and delivered exactly once.
+#[test]
+fn hb_8_a_full_store_queue_pauses_reading_and_loses_nothing() {
+    let server = start_with(|cfg| {
+        cfg.store_queue = 2;
+        cfg.commit_batch = 1;
+        fast_senders(cfg);
+    });
+    let mut alice = online(&server, "alice");
+    let mut bob = online(&server, "bob");
+    let mut probe = online(&server, "carol");
+
+    // Another connection holds the write lock: the store thread waits in its busy handler.
+    let locker = rusqlite::Connection::open(&server.config.db).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+
+    let rids: Vec<u32> = (1..=50u64)
+        .map(|cid| {
+            alice
+                .send_request(&send_req("bob", cid, &format!("m{cid}")))
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let ping = probe.send_request(&Request::Ping).unwrap();
+    assert!(
+        matches!(
+            probe.wait_reply(ping, Duration::from_millis(400)),
+            Err(ClientError::Timeout)
+        ),
+        "a Ping was answered while the store queue was full: the loop kept reading"
+    );
+
+    locker.execute_batch("COMMIT").unwrap();
+    assert!(matches!(probe.wait_reply(ping, WAIT), Ok(Packet::Pong)));
+    let mut acked = Vec::new();
+    for rid in rids {
+        match alice.wait_reply(rid, WAIT) {
+            Ok(Packet::Ack { message_id, .. }) => acked.push(message_id),
+            other => panic!("Send {rid} was not acked: {other:?}"),
+        }
+    }
+    let delivered: Vec<u64> = (0..50).map(|_| next_msg(&mut bob).id).collect();
+    assert_eq!(delivered, acked, "every acked message, once, in order");
+    assert_strictly_increasing(&acked, "acked ids");
+}
