@@ -377,13 +377,7 @@ impl Client {
             client_msg_id,
             text: text.into(),
         };
-        match self.call(&request)? {
-            Packet::Ack {
-                message_id,
-                timestamp_ms,
-            } => Ok((message_id, timestamp_ms)),
-            other => Err(ClientError::Unexpected(other)),
-        }
+        into_ack(self.call(&request)?)
     }
 
     pub fn received(&mut self, up_to: u64) -> Result<()> {
@@ -404,14 +398,11 @@ impl Client {
         before_id: u64,
         limit: u16,
     ) -> Result<(Vec<Message>, bool)> {
-        match self.call(&Request::History {
+        into_page(self.call(&Request::History {
             peer: peer.into(),
             before_id,
             limit,
-        })? {
-            Packet::HistoryPage { messages, more } => Ok((messages, more)),
-            other => Err(ClientError::Unexpected(other)),
-        }
+        })?)
     }
 
     // --- rooms ---
@@ -467,13 +458,7 @@ impl Client {
             client_msg_id,
             text: text.into(),
         };
-        match self.call(&request)? {
-            Packet::Ack {
-                message_id,
-                timestamp_ms,
-            } => Ok((message_id, timestamp_ms)),
-            other => Err(ClientError::Unexpected(other)),
-        }
+        into_ack(self.call(&request)?)
     }
 
     /// One page of a room's history, newest first (messages carry the room's name as recipient).
@@ -483,14 +468,11 @@ impl Client {
         before_id: u64,
         limit: u16,
     ) -> Result<(Vec<Message>, bool)> {
-        match self.call(&Request::RoomHistory {
+        into_page(self.call(&Request::RoomHistory {
             room: room.into(),
             before_id,
             limit,
-        })? {
-            Packet::HistoryPage { messages, more } => Ok((messages, more)),
-            other => Err(ClientError::Unexpected(other)),
-        }
+        })?)
     }
 
     // --- presence, typing, stats ---
@@ -657,6 +639,25 @@ fn into_result(packet: Packet) -> Result<Packet> {
     match packet {
         Packet::Error { code, text } => Err(ClientError::Server { code, text }),
         other => Ok(other),
+    }
+}
+
+/// The Ack that answers Send and SendRoom: (message id, timestamp in ms).
+fn into_ack(packet: Packet) -> Result<(u64, u64)> {
+    match packet {
+        Packet::Ack {
+            message_id,
+            timestamp_ms,
+        } => Ok((message_id, timestamp_ms)),
+        other => Err(ClientError::Unexpected(other)),
+    }
+}
+
+/// The HistoryPage that answers History and RoomHistory: (messages newest first, more).
+fn into_page(packet: Packet) -> Result<(Vec<Message>, bool)> {
+    match packet {
+        Packet::HistoryPage { messages, more } => Ok((messages, more)),
+        other => Err(ClientError::Unexpected(other)),
     }
 }
 
