@@ -500,11 +500,13 @@ impl Reactor {
 
     /// Phase 3: sessions whose reads were cut short or paused last turn get another turn now.
     fn continue_reads(&mut self) {
-        for slot in std::mem::take(&mut self.to_read) {
+        let batch = std::mem::take(&mut self.to_read);
+        for &slot in &batch {
             if self.sessions.get(slot).is_some_and(|s| !s.is_closing()) {
                 self.serve_reads(slot);
             }
         }
+        recycle(&mut self.to_read, batch);
     }
 
     /// Phase 4: close the sessions whose idle, login or slow-consumer deadline has passed.
@@ -616,7 +618,8 @@ impl Reactor {
     /// Phase 6: free the sessions closed this turn. Their tokens are deregistered before the slot can be reused,
     /// and no event of this turn can reach them any more.
     fn reap_closed(&mut self) {
-        for slot in std::mem::take(&mut self.to_reap) {
+        let batch = std::mem::take(&mut self.to_reap);
+        for &slot in &batch {
             if !self.sessions.contains(slot) {
                 continue;
             }
@@ -630,6 +633,7 @@ impl Reactor {
             }
             self.release_address(session.peer.ip());
         }
+        recycle(&mut self.to_reap, batch);
     }
 }
 
@@ -748,6 +752,16 @@ impl Reactor {
                 self.per_ip.remove(&ip);
             }
         }
+    }
+}
+
+/// Gives a drained work list's buffer back. The loop empties `to_read`, `to_flush` and `to_reap` every turn;
+/// handing the emptied buffer back (unless the phase queued new work meanwhile) keeps their capacity, so a
+/// busy loop does not allocate these lists again on every turn.
+fn recycle(list: &mut Vec<usize>, mut drained: Vec<usize>) {
+    drained.clear();
+    if list.is_empty() {
+        *list = drained;
     }
 }
 
@@ -928,24 +942,28 @@ impl Reactor {
         if self.parked.is_empty() {
             return;
         }
-        let parked = std::mem::take(&mut self.parked);
-        for slot in parked {
-            if !self
-                .sessions
-                .get(slot)
-                .is_some_and(|s| s.parked && !s.is_closing())
-            {
-                continue;
-            }
-            if self.may_take_frames(slot) {
-                // Its frames waited on us, not on the client: the idle clock starts again from here.
-                self.sessions[slot].parked = false;
-                self.sessions[slot].last_frame_at = self.now;
-                self.to_read.push(slot);
-            } else {
-                self.parked.push(slot);
-            }
+        let mut parked = std::mem::take(&mut self.parked);
+        parked.retain(|&slot| self.still_parked(slot));
+        self.parked = parked;
+    }
+
+    /// False for a parked session that is gone or may take frames again (then it is moved to the read list).
+    fn still_parked(&mut self, slot: usize) -> bool {
+        if !self
+            .sessions
+            .get(slot)
+            .is_some_and(|s| s.parked && !s.is_closing())
+        {
+            return false;
         }
+        if !self.may_take_frames(slot) {
+            return true;
+        }
+        // Its frames waited on us, not on the client: the idle clock starts again from here.
+        self.sessions[slot].parked = false;
+        self.sessions[slot].last_frame_at = self.now;
+        self.to_read.push(slot);
+        false
     }
 }
 
@@ -996,7 +1014,8 @@ impl Reactor {
     /// Phase 5: one write pass per session with output this turn — many frames, one syscall in the common case.
     /// WRITABLE interest is registered only for a session whose socket filled up, and removed once it drains.
     fn flush_output(&mut self) {
-        for slot in std::mem::take(&mut self.to_flush) {
+        let batch = std::mem::take(&mut self.to_flush);
+        for &slot in &batch {
             let Some(session) = self.sessions.get_mut(slot) else {
                 continue;
             };
@@ -1045,6 +1064,7 @@ impl Reactor {
                 IoStatus::Failed(kind) => self.disconnect(slot, CloseReason::Io(kind)),
             }
         }
+        recycle(&mut self.to_flush, batch);
     }
 
     /// A session that used its write budget still has output and a socket that can take it: it continues on the
