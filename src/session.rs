@@ -149,6 +149,9 @@ pub struct Session {
     pub flush_queued: bool,
     /// The socket may have unread bytes (edge-triggered readiness not yet drained to `WouldBlock`).
     pub read_ready: bool,
+    /// Readiness said the peer closed its side or the socket failed: only a read that returns the end (or the
+    /// error) may end this session's reading, not a short one (see [`Session::read_into`]).
+    pub hangup_seen: bool,
     /// In the loop's list of sessions waiting for a reason to stop before they may take frames again.
     pub parked: bool,
     /// Since when output has been waiting that the socket would not take; a session that cannot drain for the
@@ -185,6 +188,7 @@ impl Session {
             writable_registered: false,
             flush_queued: false,
             read_ready: false,
+            hangup_seen: false,
             parked: false,
             stalled_since: None,
             last_frame_at: now,
@@ -212,11 +216,22 @@ impl Session {
     }
 
     /// One read from the socket into `scratch`. `Ok(0)` never escapes: it is `Closed`.
+    ///
+    /// A read that fills less than `scratch` took everything the socket had, so the session counts as drained
+    /// without a second read that would only say `WouldBlock`: that saves a system call per message when
+    /// clients send one frame at a time. It is safe with edge-triggered readiness because bytes (or a FIN)
+    /// arriving after this read raise a new edge. A FIN that arrived *before* it, already reported by the
+    /// event being served (`hangup_seen`), raises none, so then reading goes on until the end is read.
     pub fn read_into(&mut self, scratch: &mut [u8]) -> Result<usize, IoStatus> {
         loop {
             match self.stream.read(scratch) {
                 Ok(0) => return Err(IoStatus::Closed),
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    if n < scratch.len() && !self.hangup_seen {
+                        self.read_ready = false;
+                    }
+                    return Ok(n);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.read_ready = false;

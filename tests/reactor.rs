@@ -312,6 +312,34 @@ fn hb_2_2_hundred_pings_in_one_write_get_hundred_pongs_in_order() {
     raw.expect_silence(Duration::from_millis(100));
 }
 
+// [HB-2.2] Frames followed at once by the client's FIN, all arriving before the server reads: every frame is
+// answered and the session ends when its end is read, not at a timeout. The server stops reading a socket after a
+// read that did not fill its buffer; this is the case where that read must not be the last one.
+#[test]
+fn hb_2_2_frames_then_an_immediate_half_close_are_answered_then_the_session_ends() {
+    let server = start_with(|c| {
+        c.auth_timeout = Duration::from_secs(60);
+        c.idle_timeout = Duration::from_secs(60);
+    });
+    for round in 0..5u32 {
+        let mut raw = Raw::greeted(server.addr);
+        let ids: Vec<u32> = (1..=3).map(|i| round * 10 + i).collect();
+        let bytes: Vec<u8> = ids.iter().flat_map(|id| ping(*id)).collect();
+        raw.send(&bytes);
+        raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let started = Instant::now();
+        for id in &ids {
+            raw.expect_pong(*id);
+        }
+        raw.expect_eof();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "round {round}: the close was noticed only after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 // [HB-2.2] A header split across two writes at several points, including header/body boundary and mid-body.
 #[test]
 fn hb_2_2_header_split_across_two_writes() {

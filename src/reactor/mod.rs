@@ -486,7 +486,9 @@ impl Reactor {
                         event.is_writable()
                     );
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
-                        self.sessions[slot].read_ready = true;
+                        let session = &mut self.sessions[slot];
+                        session.read_ready = true;
+                        session.hangup_seen |= event.is_read_closed() || event.is_error();
                         self.serve_reads(slot);
                     }
                     if event.is_writable() {
