@@ -250,6 +250,91 @@ fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU seconds the server's threads have used so far, by role: the loop is the main thread, the store thread is
+/// named `hubbub-store`, everything else (hash workers, signals) is "other". Linux only (`/proc`).
+#[derive(Clone, Copy, Default)]
+struct ServerCpu {
+    loop_s: f64,
+    store_s: f64,
+    other_s: f64,
+}
+
+impl ServerCpu {
+    fn read(pid: u32) -> Option<ServerCpu> {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks <= 0 {
+            return None;
+        }
+        let mut cpu = ServerCpu::default();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let Some((tid, seconds)) = thread_cpu_seconds(&task.path(), ticks as f64) else {
+                continue;
+            };
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if tid == pid {
+                cpu.loop_s += seconds;
+            } else if name.trim() == "hubbub-store" {
+                cpu.store_s += seconds;
+            } else {
+                cpu.other_s += seconds;
+            }
+        }
+        Some(cpu)
+    }
+
+    fn since(self, earlier: ServerCpu) -> ServerCpu {
+        ServerCpu {
+            loop_s: self.loop_s - earlier.loop_s,
+            store_s: self.store_s - earlier.store_s,
+            other_s: self.other_s - earlier.other_s,
+        }
+    }
+}
+
+/// A thread's id and user+system CPU seconds from its `stat` file. The name field may hold spaces, so the fields
+/// are counted from the `)` that ends it: utime and stime are the 12th and 13th after it.
+fn thread_cpu_seconds(task: &Path, ticks_per_s: f64) -> Option<(u32, f64)> {
+    let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+    let tid = stat.split_whitespace().next()?.parse().ok()?;
+    let mut after_name = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let utime: f64 = after_name.nth(11)?.parse().ok()?;
+    let stime: f64 = after_name.next()?.parse().ok()?;
+    Some((tid, (utime + stime) / ticks_per_s))
+}
+
+/// Where the server's CPU went during a run, per acknowledged message: what makes latency rise is the loop and
+/// the store sharing one core, so their sum against the offered rate tells how busy that core was.
+fn report_server_cpu(report: &mut Report, used: ServerCpu, acked: u64, seconds: f64) {
+    if acked == 0 || seconds <= 0.0 {
+        return;
+    }
+    let per_msg = |s: f64| s * 1e6 / acked as f64;
+    report.num(
+        "server_cpu_loop_us_per_msg",
+        "server CPU per acked msg: loop (us)",
+        per_msg(used.loop_s),
+        1,
+    );
+    report.num(
+        "server_cpu_store_us_per_msg",
+        "server CPU per acked msg: store (us)",
+        per_msg(used.store_s),
+        1,
+    );
+    report.num(
+        "server_cpu_other_us_per_msg",
+        "server CPU per acked msg: other threads (us)",
+        per_msg(used.other_s),
+        1,
+    );
+    let busy = (used.loop_s + used.store_s + used.other_s) / seconds * 100.0;
+    report.num("server_cpu_percent", "server CPU (% of one core)", busy, 0);
+}
+
 fn proc_nofile(pid: u32) -> Option<u64> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
@@ -1900,8 +1985,14 @@ fn scenario_dm(ctx: &Ctx, latency: bool) -> Result<Report, String> {
         None => report.int("messages_per_sender", "messages per sender", spec.limit),
     }
     eprintln!("loadgen: {name}: running");
+    let cpu_before = target.pid().and_then(ServerCpu::read);
+    let started = Instant::now();
     let outcome = run_pairs(&mut net, &spec)?;
+    let seconds = started.elapsed().as_secs_f64();
     outcome.report(&mut report, latency);
+    if let (Some(before), Some(after)) = (cpu_before, target.pid().and_then(ServerCpu::read)) {
+        report_server_cpu(&mut report, after.since(before), outcome.acked, seconds);
+    }
     server_stats(&mut report, &mut ctl);
     target.finish(ctx, &mut report);
     if latency && !ctx.opts.no_relay {
