@@ -354,11 +354,7 @@ pub struct HashPool {
 /// On Linux nice is per thread, so this touches only the calling (hash) thread. Best effort: if the kernel
 /// says no, hashing simply runs at normal priority.
 fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority takes plain integers and changes only this thread's scheduling priority.
-    unsafe {
-        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
+    crate::lower_thread_priority(19);
 }
 
 impl HashPool {
@@ -688,10 +684,6 @@ fn lockout_for(base: Duration, max: Duration, lockouts: u32) -> Duration {
         .map_or(max, |delay| delay.min(max))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tests
-// ---------------------------------------------------------------------------------------------
-
 impl std::fmt::Debug for HashPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HashPool")
@@ -699,6 +691,10 @@ impl std::fmt::Debug for HashPool {
             .finish_non_exhaustive()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
 
 #[cfg(test)]
 mod tests {

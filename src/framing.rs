@@ -68,6 +68,8 @@ impl std::fmt::Display for FrameError {
     }
 }
 
+impl std::error::Error for FrameError {}
+
 /// Step one: check a header on its own. `known_kind` says which kind numbers exist; `max_body` is the limit the
 /// session is under right now.
 pub fn parse_header(
@@ -112,10 +114,11 @@ pub struct Frame<'a> {
 /// ```
 /// use hubbub::framing::split_frame;
 /// let ping = [0x48, 0x42, 0x01, 0x01, 0x00, 0x00, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00];
-/// let frame = split_frame(&ping, 65536, |_| true).unwrap().unwrap();
+/// let frame = split_frame(&ping, 65536, |_| true)?.ok_or("twelve bytes make a whole Ping")?;
 /// assert_eq!((frame.header.kind, frame.header.request_id, frame.len), (0x01, 7, 12));
 /// // Eleven bytes are not a frame yet: "wait for more", not an error.
 /// assert_eq!(split_frame(&ping[..11], 65536, |_| true), Ok(None));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 /// `Ok(None)` means "wait for more bytes". A bad header is reported as soon as its
 /// 12 bytes are present, even if the body never comes.

@@ -48,3 +48,17 @@ pub mod store;
 
 pub use config::Config;
 pub use reactor::{RunningServer, Server, ShutdownHandle, StartError};
+
+/// Gives the calling thread the Linux `nice` value `nice` (higher is politer). The worker threads use it so
+/// that, where they share a core with the loop, the loop preempts them. Best effort: if the kernel says no,
+/// or elsewhere than Linux, the thread keeps its priority.
+pub(crate) fn lower_thread_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority takes plain integers and, with PRIO_PROCESS and 0 on Linux (where nice is per thread),
+    // changes only the calling thread's priority.
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}

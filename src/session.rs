@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Must not: decide what a request means (the reactor does), touch other sessions, or block: every socket call
-//! here is non-blocking and stops at `WouldBlock`.
+//! here is non-blocking: `WouldBlock` is an answer, never a wait.
 
 use crate::store::UserId;
 use mio::net::TcpStream;
@@ -114,7 +114,7 @@ pub enum CloseReason {
 /// What one read or write turn ended with.
 #[derive(Debug, PartialEq, Eq)]
 pub enum IoStatus {
-    /// The socket said `WouldBlock`: everything available was done.
+    /// The socket had nothing more (it said `WouldBlock`, or a read came back short): everything available was done.
     Drained,
     /// The per-turn budget ran out first: the socket may still be ready, and edge-triggered polling will not say
     /// so again, so the loop must come back to it.
@@ -147,7 +147,7 @@ pub struct Session {
     pub writable_registered: bool,
     /// Whether this session is already in the loop's list of sessions to flush this turn.
     pub flush_queued: bool,
-    /// The socket may have unread bytes (edge-triggered readiness not yet drained to `WouldBlock`).
+    /// The socket may have unread bytes: edge-triggered readiness not yet drained (by `WouldBlock` or a short read).
     pub read_ready: bool,
     /// Readiness said the peer closed its side or the socket failed: only a read that returns the end (or the
     /// error) may end this session's reading, not a short one (see [`Session::read_into`]).

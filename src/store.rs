@@ -530,12 +530,7 @@ pub struct StoreHandle {
 /// the loop has sockets to read; at nice 5 the loop preempts it as soon as it has work, and the store still
 /// gets every cycle the loop does not use. Best effort: if the kernel says no, it runs at normal priority.
 fn yield_to_the_loop() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority takes plain integers and changes only the calling thread's priority (Linux nice is
-    // per thread).
-    unsafe {
-        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 5);
-    }
+    crate::lower_thread_priority(5);
 }
 
 impl StoreHandle {
@@ -1681,7 +1676,7 @@ fn history(
     };
     let conn = &db.conn;
     let before = if before_id == 0 {
-        i64::MAX
+        NO_UPPER_BOUND
     } else {
         to_db(before_id)
     };
@@ -1799,12 +1794,10 @@ fn room_info(row: &Row<'_>) -> rusqlite::Result<RoomInfo> {
     })
 }
 
-fn room_info_by_id(conn: &Connection, room_id: u64) -> JobResult<RoomInfo> {
-    conn.prepare_cached(room_info_select!("WHERE r.id = ?1"))?
-        .query_row([to_db(room_id)], room_info)
-        .optional()?
-        // Only called for a room this job just found or created.
-        .ok_or_else(|| JobError::Invalid(format!("room {room_id} vanished")))
+fn room_info_by_name(conn: &Connection, name: &str) -> rusqlite::Result<Option<RoomInfo>> {
+    conn.prepare_cached(room_info_select!("WHERE r.name = ?1"))?
+        .query_row([name], room_info)
+        .optional()
 }
 
 /// A user's row in a room, if they ever joined it.
@@ -1929,15 +1922,14 @@ fn join_room(
     max_members: u32,
     max_rooms_per_user: u32,
 ) -> JobResult<Outcome> {
-    let Some(room) = room_by_name(conn, name)? else {
+    let Some(info) = room_info_by_name(conn, name)? else {
         return Ok(Outcome::NoSuchRoom);
     };
-    if room.closed {
+    if info.closed {
         return Ok(Outcome::RoomIsClosed);
     }
-    let info = room_info_by_id(conn, room.room_id)?;
     // Before the limits: an existing member is not refused because the room or they are full.
-    if membership(conn, room.room_id, user_id)?.is_some_and(|m| m.active) {
+    if membership(conn, info.room_id, user_id)?.is_some_and(|m| m.active) {
         return Ok(Outcome::Joined {
             room: info,
             already_member: true,
@@ -1949,7 +1941,7 @@ fn join_room(
     if current_room_count(conn, user_id)? >= u64::from(max_rooms_per_user) {
         return Ok(Outcome::TooManyRooms);
     }
-    start_membership(conn, room.room_id, user_id)?;
+    start_membership(conn, info.room_id, user_id)?;
     Ok(Outcome::Joined {
         room: RoomInfo {
             member_count: info.member_count.saturating_add(1),
@@ -2038,7 +2030,7 @@ fn list_rooms(conn: &Connection, after_name: &str, limit: u32) -> JobResult<Outc
 }
 
 fn room_members(conn: &Connection, name: &str) -> JobResult<Outcome> {
-    let Some(room) = room_by_name(conn, name)? else {
+    let Some(room) = room_info_by_name(conn, name)? else {
         return Ok(Outcome::NoSuchRoom);
     };
     let members = conn
@@ -2050,10 +2042,7 @@ fn room_members(conn: &Connection, name: &str) -> JobResult<Outcome> {
             Ok((get_u64(row, 0)?, row.get(1)?))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Outcome::Members {
-        room: room_info_by_id(conn, room.room_id)?,
-        members,
-    })
+    Ok(Outcome::Members { room, members })
 }
 
 fn store_room_message(

@@ -327,16 +327,11 @@ fn hb_2_2_frames_then_an_immediate_half_close_are_answered_then_the_session_ends
         let bytes: Vec<u8> = ids.iter().flat_map(|id| ping(*id)).collect();
         raw.send(&bytes);
         raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
-        let started = Instant::now();
         for id in &ids {
             raw.expect_pong(*id);
         }
+        // Within READ_WAIT (5 s), while both timeouts are 60 s: only reading the FIN can end the session this soon.
         raw.expect_eof();
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "round {round}: the close was noticed only after {:?}",
-            started.elapsed()
-        );
     }
 }
 

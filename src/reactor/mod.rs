@@ -790,8 +790,9 @@ fn millis_u32(d: Duration) -> u32 {
 
 impl Reactor {
     /// Gives one session its read turn: first any whole frames already buffered (left by a pause), then reads
-    /// from the socket, each read's frames dispatched at once. Stops at `WouldBlock`, at the per-turn budget, or
-    /// when the session may not take more frames right now (a login in flight, store backpressure, closing).
+    /// from the socket, each read's frames dispatched at once. Stops once the socket is drained (`WouldBlock` or a
+    /// short read, see `Session::read_into`), at the per-turn budget, or when the session may not take more frames
+    /// right now (a login in flight, store backpressure, closing).
     fn serve_reads(&mut self, slot: usize) {
         if !self.dispatch_buffered(slot) {
             return;
