@@ -970,6 +970,27 @@ fn hb_5_6_message_bigger_than_the_high_water_mark_still_arrives() {
     }
 }
 
+// [HB-5.6] One catch-up page far bigger than what the loop writes to a socket in one turn (256 KiB): the rest goes
+// out over the following turns without the client sending anything, so the whole backlog and its CaughtUp arrive.
+#[test]
+fn hb_5_6_a_page_larger_than_several_write_turns_arrives_whole() {
+    let server = start_with(|cfg| {
+        cfg.feed_page = 200;
+        cfg.max_text = 8192;
+        fast_senders(cfg);
+    });
+    let mut alice = online(&server, "alice");
+    register(&server, "bob");
+    let texts: Vec<(u64, String)> = (1..=200)
+        .map(|i| (i, text_of(&format!("page{i}"), 8000)))
+        .collect();
+    send_pipelined(&mut alice, "bob", &texts, 50);
+    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let (messages, _) = catch_up(&mut bob);
+    assert_eq!(messages.len(), 200, "1.6 MB in one page, all of it");
+    assert!(messages.iter().all(|m| m.text.len() == 8000));
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // [HB-5.7] History
 // -------------------------------------------------------------------------------------------------------------

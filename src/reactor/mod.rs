@@ -427,6 +427,7 @@ impl Reactor {
     /// How long `poll` may sleep: zero when work is left over from this turn, else until the next timer.
     fn next_timeout(&self) -> Duration {
         if !self.to_read.is_empty()
+            || !self.to_flush.is_empty()
             || self.accept_pending
             || self.shutdown_requested.load(Ordering::Relaxed)
         {
@@ -1035,14 +1036,16 @@ impl Reactor {
             );
             match status {
                 IoStatus::Drained | IoStatus::BudgetSpent => {
-                    let want_writable = session.pending_output() > 0;
+                    let waiting = session.pending_output() > 0;
                     // The slow-consumer clock runs while output waits and the socket takes none of it.
-                    session.stalled_since =
-                        match (want_writable, written > 0, session.stalled_since) {
-                            (false, _, _) => None,
-                            (true, true, _) | (true, false, None) => Some(self.now),
-                            (true, false, since) => since,
-                        };
+                    session.stalled_since = match (waiting, written > 0, session.stalled_since) {
+                        (false, _, _) => None,
+                        (true, true, _) | (true, false, None) => Some(self.now),
+                        (true, false, since) => since,
+                    };
+                    // Only a full socket needs the kernel to say when it has room again; output left by a spent
+                    // budget is queued for the next turn below.
+                    let want_writable = waiting && status == IoStatus::Drained;
                     if want_writable != session.writable_registered {
                         let interest = if want_writable {
                             Interest::READABLE | Interest::WRITABLE
@@ -1059,7 +1062,9 @@ impl Reactor {
                         session.writable_registered = want_writable;
                     }
                     if status == IoStatus::BudgetSpent {
-                        self.queue_flush_next_turn(slot);
+                        // The socket still had room, so no new edge will say so: come back next turn, the
+                        // way a read that spent its budget does.
+                        self.queue_flush(slot);
                     }
                     self.request_page_if_drained(slot);
                 }
@@ -1068,24 +1073,6 @@ impl Reactor {
             }
         }
         recycle(&mut self.to_flush, batch);
-    }
-
-    /// A session that used its write budget still has output and a socket that can take it: it continues on the
-    /// WRITABLE registration made above (the kernel buffer still has room, so level is already high — register
-    /// both directions and let the next event resume it).
-    fn queue_flush_next_turn(&mut self, slot: usize) {
-        let session = &mut self.sessions[slot];
-        if !session.writable_registered {
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            if self
-                .poll
-                .registry()
-                .reregister(&mut session.stream, token_of(slot), interest)
-                .is_ok()
-            {
-                session.writable_registered = true;
-            }
-        }
     }
 }
 
