@@ -37,7 +37,6 @@ pub struct Identity {
     pub username: String,
     /// The token this session logged in with (Logout and RevokeToken act on it).
     pub token_id: u64,
-    pub device: String,
     /// The highest message id this session has been sent ([HB-5.3]): the one cursor behind catch-up,
     /// multi-device sync, reconnects and slow readers.
     pub cursor: u64,

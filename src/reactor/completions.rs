@@ -7,6 +7,7 @@
 //!
 //! Must not: block, or call a worker synchronously. Wakes coalesce, so each wake drains *every* completion.
 
+use super::messages::FEED;
 use super::Reactor;
 use crate::auth::{HashDone, HashJob, HashOp, HashOutcome};
 use crate::hub::SessionRef;
@@ -14,9 +15,6 @@ use crate::protocol::{code, Packet, TokenEntry};
 use crate::session::{Feed, Identity, PendingAuth, State, Ticket};
 use crate::store::{self, Account, Op, Outcome};
 use log::{error, info, warn};
-
-/// How long a session waits before asking again for a feed page whose read failed.
-const FEED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Reactor {
     /// Phase 2: take every answer the workers have sent since the last turn.
@@ -186,15 +184,10 @@ impl Reactor {
         let rid = done.ticket.request_id;
         if let Outcome::Failed(e) = &done.outcome {
             error!("store failed for session {}: {e}", self.sessions[slot].uuid);
-            self.undo_pending(slot, rid);
-            if rid == 0 {
-                // A feed page is the server's own read: nobody asked, so nobody is told; it is retried
-                // shortly (a full disk fails every job of its batch, reads included).
-                let id = self.sessions[slot].id;
-                self.feed_retries
-                    .push((self.now + FEED_RETRY_DELAY, id, slot));
-                return;
+            if rid == FEED {
+                return self.feed_page_failed(slot);
             }
+            self.undo_pending(slot);
             return self.fail(
                 slot,
                 rid,
@@ -241,27 +234,9 @@ impl Reactor {
         }
     }
 
-    /// A job failed in the store: put the session back where it was before the request.
-    fn undo_pending(&mut self, slot: usize, rid: u32) {
+    /// A client's request failed in the store: put the session back where it was before it.
+    fn undo_pending(&mut self, slot: usize) {
         let session = &mut self.sessions[slot];
-        if rid == 0 {
-            // A feed page (the server's own read) failed: whatever the session is doing meanwhile, it no
-            // longer has a page on the way; the page is asked for again after FEED_RETRY_DELAY.
-            if let State::Ready(identity)
-            | State::Authenticating(PendingAuth::Logout { identity }) = &mut session.state
-            {
-                if identity.feed
-                    == (Feed::Behind {
-                        page_in_flight: true,
-                    })
-                {
-                    identity.feed = Feed::Behind {
-                        page_in_flight: false,
-                    };
-                }
-            }
-            return;
-        }
         match std::mem::replace(&mut session.state, State::Connected) {
             State::Authenticating(PendingAuth::Logout { mut identity }) => {
                 // Still logged in. Live pushes and pages skipped it while the Logout was pending, so it
@@ -370,7 +345,6 @@ impl Reactor {
             user_id: account.user_id,
             username: account.username.clone(),
             token_id,
-            device,
             cursor: 0,
             feed: Feed::Live,
             watching: Vec::new(),

@@ -22,12 +22,15 @@ use crate::auth::canonical_username;
 use crate::protocol::{
     code, encode_deliver, encode_room_deliver, Message, Packet, HISTORY_LIMIT_MAX,
 };
-use crate::session::{Feed, State};
+use crate::session::{Feed, PendingAuth, State};
 use crate::store::{self, Account, Op, Outcome, StoredMessage};
 use log::{debug, warn};
 
 /// Request id of feed pages: they are the server's own reads, answered as pushes (request id 0).
-const FEED: u32 = 0;
+pub(super) const FEED: u32 = 0;
+
+/// How long a session waits before asking again for a feed page whose read failed.
+const FEED_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Reactor {
     // -----------------------------------------------------------------------------------------------------------
@@ -58,10 +61,7 @@ impl Reactor {
             client_msg_id,
             text,
         };
-        self.submit_store(store::Job {
-            ticket: self.ticket(slot, rid),
-            op,
-        });
+        self.store_job(slot, rid, op);
     }
 
     /// The checks every message passes before it is stored ([HB-5.8]): some text, not too much, and within the
@@ -100,10 +100,7 @@ impl Reactor {
             user_id: identity.user_id,
             up_to: up_to.min(identity.cursor),
         };
-        self.submit_store(store::Job {
-            ticket: self.ticket(slot, rid),
-            op,
-        });
+        self.store_job(slot, rid, op);
     }
 
     /// Read: forwarded at once to the peer's live sessions as a read receipt; never stored ([HB-5.5]).
@@ -124,9 +121,7 @@ impl Reactor {
                 peer: reader,
                 up_to,
             };
-            for target in self.hub.sessions_of(peer_id).to_vec() {
-                self.send(target.slot, 0, &receipt);
-            }
+            self.push_to_user(peer_id, &receipt);
         }
         self.send(slot, rid, &Packet::Ok);
     }
@@ -153,10 +148,7 @@ impl Reactor {
             before_id,
             limit,
         };
-        self.submit_store(store::Job {
-            ticket: self.ticket(slot, rid),
-            op,
-        });
+        self.store_job(slot, rid, op);
     }
 
     // -----------------------------------------------------------------------------------------------------------
@@ -296,9 +288,7 @@ impl Reactor {
                 peer: reader.to_owned(),
                 up_to,
             };
-            for target in self.hub.sessions_of(sender_id).to_vec() {
-                self.send(target.slot, 0, &receipt);
-            }
+            self.push_to_user(sender_id, &receipt);
         }
     }
 
@@ -331,6 +321,29 @@ impl Reactor {
         }
     }
 
+    /// A feed page (the server's own read) failed: nobody asked, so nobody is told. Whatever the session is doing
+    /// meanwhile, it no longer has a page on the way, and the page is asked for again after FEED_RETRY_DELAY (a
+    /// full disk fails every job of its batch, reads included).
+    pub(super) fn feed_page_failed(&mut self, slot: usize) {
+        let session = &mut self.sessions[slot];
+        if let State::Ready(identity) | State::Authenticating(PendingAuth::Logout { identity }) =
+            &mut session.state
+        {
+            if identity.feed
+                == (Feed::Behind {
+                    page_in_flight: true,
+                })
+            {
+                identity.feed = Feed::Behind {
+                    page_in_flight: false,
+                };
+            }
+        }
+        let id = session.id;
+        self.feed_retries
+            .push((self.now + FEED_RETRY_DELAY, id, slot));
+    }
+
     /// Asks the store for the next page of a session that is behind, once its output is below the low-water
     /// mark and no page is already on its way.
     pub(super) fn request_page_if_drained(&mut self, slot: usize) {
@@ -345,7 +358,6 @@ impl Reactor {
             return;
         };
         let pending = session.pending_output();
-        let id = session.id;
         let State::Ready(identity) = &mut session.state else {
             return;
         };
@@ -365,12 +377,7 @@ impl Reactor {
             after_id: identity.cursor,
             limit,
         };
-        let ticket = crate::session::Ticket {
-            session: id,
-            slot,
-            request_id: FEED,
-        };
-        self.submit_store(store::Job { ticket, op });
+        self.store_job(slot, FEED, op);
     }
 
     /// A page arrived: send what is past the cursor; then either wait for the output to drain before the next

@@ -433,20 +433,17 @@ impl Reactor {
         {
             return Duration::ZERO;
         }
+        let now = Instant::now();
         let mut timeout = MAX_POLL_WAIT;
         if let Some(Reverse((at, _, _))) = self.timers.peek() {
-            timeout = timeout.min(at.saturating_duration_since(Instant::now()));
+            timeout = timeout.min(at.saturating_duration_since(now));
         }
         if let Some(s) = &self.shutdown {
-            timeout = timeout.min(s.deadline.saturating_duration_since(Instant::now()));
+            timeout = timeout.min(s.deadline.saturating_duration_since(now));
         }
-        timeout = timeout.min(
-            self.stats
-                .next_log
-                .saturating_duration_since(Instant::now()),
-        );
+        timeout = timeout.min(self.stats.next_log.saturating_duration_since(now));
         if let Some(at) = self.feed_retries.iter().map(|(at, _, _)| *at).min() {
-            timeout = timeout.min(at.saturating_duration_since(Instant::now()));
+            timeout = timeout.min(at.saturating_duration_since(now));
         }
         timeout
     }
@@ -987,6 +984,18 @@ impl Reactor {
         packet.encode(request_id, &mut session.output);
         self.queue_flush(slot);
         self.enforce_output_limit(slot);
+    }
+
+    /// Pushes one packet to every session the user has open (receipts, room notices). The slots are copied into
+    /// the loop's scratch list first, because sending may close a session and so change the hub's list.
+    fn push_to_user(&mut self, user: store::UserId, packet: &Packet) {
+        let mut targets = std::mem::take(&mut self.targets_scratch);
+        targets.clear();
+        targets.extend(self.hub.sessions_of(user).iter().map(|s| s.slot));
+        for &slot in &targets {
+            self.send(slot, 0, packet);
+        }
+        self.targets_scratch = targets;
     }
 
     /// The hard bound on one session's output, checked where bytes are appended ([HB-5.6]). Messages never

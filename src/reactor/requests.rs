@@ -196,13 +196,10 @@ impl Reactor {
         let Some(identity) = self.sessions[slot].identity() else {
             return;
         };
-        let job = store::Job {
-            ticket: self.ticket(slot, rid),
-            op: Op::ListTokens {
-                user_id: identity.user_id,
-            },
+        let op = Op::ListTokens {
+            user_id: identity.user_id,
         };
-        self.submit_store(job);
+        self.store_job(slot, rid, op);
     }
 
     fn revoke_token(&mut self, slot: usize, rid: u32, token_id: u64) {
@@ -268,6 +265,12 @@ impl Reactor {
     // Handing work to the workers
     // -----------------------------------------------------------------------------------------------------------
 
+    /// Queues `op` for the store, answered to request `rid` of this session.
+    pub(super) fn store_job(&mut self, slot: usize, rid: u32, op: Op) {
+        let ticket = self.ticket(slot, rid);
+        self.submit_store(store::Job { ticket, op });
+    }
+
     /// Queues a job for the store. Never blocks and never drops: what the bounded channel will not take waits in
     /// the backlog, and while the backlog is non-empty the loop reads no new frames (see `may_take_frames`).
     pub(super) fn submit_store(&mut self, job: store::Job) {
@@ -308,15 +311,13 @@ impl Reactor {
 
     /// Queues a job for the hashing pool; when its queue is full the client is told "server busy" at once rather
     /// than waiting without end ([HB-7.8]). True if the job was queued.
-    pub(super) fn submit_hash(&mut self, slot: usize, rid: u32, job: HashJob) -> bool {
+    pub(super) fn submit_hash(&mut self, slot: usize, rid: u32, mut job: HashJob) -> bool {
         let Some(hasher) = &self.hasher else {
+            job.op.wipe();
             return false;
         };
-        if hasher.queue_depth() >= self.config.hash_queue {
-            self.sessions[slot].state = State::Connected;
-            self.fail(slot, rid, code::SERVER_BUSY, "server busy, try again");
-            return false;
-        }
+        // The pool's channel holds `hash_queue` jobs, so a full queue shows here; the job comes back with its
+        // password, which is wiped before it is dropped.
         match hasher.try_submit(job) {
             Ok(()) => true,
             Err(mut job) => {

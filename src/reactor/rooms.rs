@@ -15,7 +15,6 @@
 
 use super::{Awaiting, Reactor};
 use crate::auth::canonical_username;
-use crate::hub::SessionRef;
 use crate::protocol::{
     code, presence, room_event, Member, Packet, PresenceEntry, Request, RoomInfo,
 };
@@ -40,17 +39,8 @@ pub(super) fn now_ms() -> u64 {
 impl Reactor {
     /// Requests about rooms, presence and typing (the caller has checked the session is logged in).
     pub(super) fn rooms_and_presence(&mut self, slot: usize, rid: u32, request: Request) {
-        let Some((user_id, username)) = self.sessions[slot]
-            .identity()
-            .map(|i| (i.user_id, i.username.clone()))
-        else {
+        let Some(user_id) = self.sessions[slot].identity().map(|i| i.user_id) else {
             return;
-        };
-        // Who acts, kept for the answer: it must take effect even if this session is gone by then.
-        let actor = |room: &str| Awaiting::Room {
-            user: user_id,
-            username: username.clone(),
-            room: room.to_owned(),
         };
         match request {
             Request::CreateRoom { name, topic } => {
@@ -63,7 +53,10 @@ impl Reactor {
                     return self.fail(slot, rid, code::TEXT_TOO_LONG, &text);
                 }
                 let max_rooms_per_user = self.config.max_rooms_per_user;
-                self.awaiting.push((self.ticket(slot, rid), actor(&name)));
+                self.awaiting.push((
+                    self.ticket(slot, rid),
+                    self.room_actor(slot, user_id, &name),
+                ));
                 self.store_job(
                     slot,
                     rid,
@@ -81,7 +74,10 @@ impl Reactor {
                 };
                 let (max_members, max_rooms_per_user) =
                     (self.config.max_room_members, self.config.max_rooms_per_user);
-                self.awaiting.push((self.ticket(slot, rid), actor(&name)));
+                self.awaiting.push((
+                    self.ticket(slot, rid),
+                    self.room_actor(slot, user_id, &name),
+                ));
                 self.store_job(
                     slot,
                     rid,
@@ -97,7 +93,10 @@ impl Reactor {
                 let Some(name) = self.room_name(slot, rid, &name) else {
                     return;
                 };
-                self.awaiting.push((self.ticket(slot, rid), actor(&name)));
+                self.awaiting.push((
+                    self.ticket(slot, rid),
+                    self.room_actor(slot, user_id, &name),
+                ));
                 self.store_job(slot, rid, Op::LeaveRoom { user_id, name });
             }
             Request::Kick { room, user } => {
@@ -206,9 +205,18 @@ impl Reactor {
         }
     }
 
-    fn store_job(&mut self, slot: usize, rid: u32, op: Op) {
-        let ticket = self.ticket(slot, rid);
-        self.submit_store(store::Job { ticket, op });
+    /// Who creates, joins or leaves a room, kept for the answer: it must take effect even if this session is gone
+    /// by then. Only those three requests need the name, so it is copied here rather than for every room request.
+    fn room_actor(&self, slot: usize, user_id: UserId, room: &str) -> Awaiting {
+        let username = self.sessions[slot]
+            .identity()
+            .map(|i| i.username.clone())
+            .unwrap_or_default();
+        Awaiting::Room {
+            user: user_id,
+            username,
+            room: room.to_owned(),
+        }
     }
 
     /// Room names follow the username rules ([HB-10.1]).
@@ -291,9 +299,7 @@ impl Reactor {
                     .unwrap_or_default();
                 let notice = Packet::RoomClosed { room: name };
                 for member in members {
-                    for s in self.hub.sessions_of(member).to_vec() {
-                        self.send(s.slot, 0, &notice);
-                    }
+                    self.push_to_user(member, &notice);
                 }
                 self.hub.remove_room(room_id);
                 self.answer(slot, rid, &Packet::Ok);
@@ -398,12 +404,8 @@ impl Reactor {
         let watching = self.sessions[slot]
             .identity()
             .map_or(0, |i| i.watching.len());
-        if watching + users.len() > self.config.max_watch {
-            let text = format!(
-                "a session may watch at most {} users",
-                self.config.max_watch
-            );
-            return self.fail(slot, rid, code::TOO_MANY_WATCHES, &text);
+        if self.too_many_watches(slot, rid, watching + users.len()) {
+            return;
         }
         // Names that break the rules cannot exist; they are looked up as given and come back unknown.
         let names = users
@@ -413,25 +415,28 @@ impl Reactor {
         self.store_job(slot, rid, Op::LookupUsers { names });
     }
 
+    /// Refuses a Watch that would take the session to `total` watched users, past max_watch ([HB-11]).
+    fn too_many_watches(&mut self, slot: usize, rid: u32, total: usize) -> bool {
+        let max = self.config.max_watch;
+        if total <= max {
+            return false;
+        }
+        let text = format!("a session may watch at most {max} users");
+        self.fail(slot, rid, code::TOO_MANY_WATCHES, &text);
+        true
+    }
+
     /// The store resolved the watched names: subscribe, and answer with each one's current status.
     fn watched(&mut self, slot: usize, rid: u32, found: Vec<(String, Option<(UserId, u64)>)>) {
-        let me = SessionRef {
-            id: self.sessions[slot].id,
-            slot,
-        };
+        let me = self.session_ref(slot);
         // A session that logged out meanwhile watches nobody; pipelined Watches are held to the limit here,
         // where the subscriptions are made.
         let Some(watching) = self.sessions[slot].identity().map(|i| i.watching.len()) else {
             return self.fail(slot, rid, code::NOT_AUTHENTICATED, "log in first");
         };
-        if watching + found.iter().filter(|(_, user)| user.is_some()).count()
-            > self.config.max_watch
-        {
-            let text = format!(
-                "a session may watch at most {} users",
-                self.config.max_watch
-            );
-            return self.fail(slot, rid, code::TOO_MANY_WATCHES, &text);
+        let adding = found.iter().filter(|(_, user)| user.is_some()).count();
+        if self.too_many_watches(slot, rid, watching + adding) {
+            return;
         }
         let mut entries = Vec::with_capacity(found.len());
         for (username, user) in found {
