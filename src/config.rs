@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything a `Server` needs to start. `Config::default()` is the production default; tests change fields.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Address to listen on. The default is loopback only; use `0.0.0.0:7878` to serve a LAN.
     pub listen: SocketAddr,
@@ -392,6 +392,14 @@ mod tests {
         assert_eq!(c.token_ttl, d.token_ttl);
         assert_eq!(c.hash_params, d.hash_params);
         assert!(c.validate().is_ok());
+    }
+
+    // Every default is written twice, in the flag attributes and in Config::default (for embedding and tests):
+    // this keeps the two from drifting apart, all 34 of them at once.
+    #[test]
+    fn command_line_defaults_are_config_default() {
+        let c = Config::try_from_args(["hubbub"]).unwrap();
+        assert_eq!(c, Config::default());
     }
 
     #[test]

@@ -501,14 +501,14 @@ impl<'a> Reader<'a> {
             .map(str::to_owned)
             .map_err(|_| DecodeError::InvalidUtf8)
     }
-    /// A u16 count, then that many items. The capacity is capped so a hostile count cannot make us allocate
-    /// more than the body could hold.
+    /// A u16 count, then that many items. The count is not trusted for the first allocation: a hostile one
+    /// gets at most `LIST_PREALLOC` slots up front, and the vector grows only as items actually decode.
     fn list<T>(
         &mut self,
         mut item: impl FnMut(&mut Self) -> Result<T, DecodeError>,
     ) -> Result<Vec<T>, DecodeError> {
         let count = self.u16()? as usize;
-        let mut items = Vec::with_capacity(count.min(self.rest.len()));
+        let mut items = Vec::with_capacity(count.min(LIST_PREALLOC));
         for _ in 0..count {
             items.push(item(self)?);
         }
@@ -522,6 +522,9 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+/// Most list items reserved before any of them has decoded (see `Reader::list`).
+const LIST_PREALLOC: usize = 256;
 
 fn put_u16(out: &mut Vec<u8>, v: u16) {
     out.extend_from_slice(&v.to_be_bytes());
@@ -580,20 +583,57 @@ fn read_presence(r: &mut Reader<'_>) -> Result<PresenceEntry, DecodeError> {
         last_seen_ms: r.u64()?,
     })
 }
+/// The layout every message shares on the wire, direct or room: id, two names (sender and recipient, or room and
+/// sender), timestamp, text. Borrowed fields, so the hot path encodes without copying the text first.
+fn put_message_fields(
+    out: &mut Vec<u8>,
+    id: u64,
+    first: &str,
+    second: &str,
+    timestamp_ms: u64,
+    text: &str,
+) {
+    put_u64(out, id);
+    put_str(out, first);
+    put_str(out, second);
+    put_u64(out, timestamp_ms);
+    put_str(out, text);
+}
+/// The fields `put_message_fields` wrote, in the same order.
+fn read_message_fields(
+    r: &mut Reader<'_>,
+) -> Result<(u64, String, String, u64, String), DecodeError> {
+    Ok((r.u64()?, r.string()?, r.string()?, r.u64()?, r.string()?))
+}
 fn put_message(out: &mut Vec<u8>, m: &Message) {
-    put_u64(out, m.id);
-    put_str(out, &m.sender);
-    put_str(out, &m.recipient);
-    put_u64(out, m.timestamp_ms);
-    put_str(out, &m.text);
+    put_message_fields(out, m.id, &m.sender, &m.recipient, m.timestamp_ms, &m.text);
 }
 fn read_message(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
+    let (id, sender, recipient, timestamp_ms, text) = read_message_fields(r)?;
     Ok(Message {
-        id: r.u64()?,
-        sender: r.string()?,
-        recipient: r.string()?,
-        timestamp_ms: r.u64()?,
-        text: r.string()?,
+        id,
+        sender,
+        recipient,
+        timestamp_ms,
+        text,
+    })
+}
+fn put_token_entry(out: &mut Vec<u8>, e: &TokenEntry) {
+    put_u64(out, e.token_id);
+    put_str(out, &e.device);
+    put_u64(out, e.created_at_ms);
+    put_u64(out, e.last_used_at_ms);
+    put_u64(out, e.expires_at_ms);
+    out.push(e.current as u8);
+}
+fn read_token_entry(r: &mut Reader<'_>) -> Result<TokenEntry, DecodeError> {
+    Ok(TokenEntry {
+        token_id: r.u64()?,
+        device: r.string()?,
+        created_at_ms: r.u64()?,
+        last_used_at_ms: r.u64()?,
+        expires_at_ms: r.u64()?,
+        current: r.bool()?,
     })
 }
 
@@ -608,11 +648,7 @@ pub fn encode_deliver(
     text: &str,
 ) {
     put_frame(out, kind::DELIVER, 0, |out| {
-        put_u64(out, id);
-        put_str(out, sender);
-        put_str(out, recipient);
-        put_u64(out, timestamp_ms);
-        put_str(out, text);
+        put_message_fields(out, id, sender, recipient, timestamp_ms, text)
     });
 }
 
@@ -626,11 +662,7 @@ pub fn encode_room_deliver(
     text: &str,
 ) {
     put_frame(out, kind::ROOM_DELIVER, 0, |out| {
-        put_u64(out, id);
-        put_str(out, room);
-        put_str(out, sender);
-        put_u64(out, timestamp_ms);
-        put_str(out, text);
+        put_message_fields(out, id, room, sender, timestamp_ms, text)
     });
 }
 
@@ -735,8 +767,8 @@ impl Request {
             }
             Request::JoinRoom { name }
             | Request::LeaveRoom { name }
-            | Request::CloseRoom { name } => put_str(out, name),
-            Request::RoomMembers { name } => put_str(out, name),
+            | Request::CloseRoom { name }
+            | Request::RoomMembers { name } => put_str(out, name),
             Request::Kick { room, user } => {
                 put_str(out, room);
                 put_str(out, user);
@@ -922,17 +954,7 @@ impl Packet {
                 put_u64(out, *max_message_id);
                 put_u64(out, *delivered_cursor);
             }
-            Packet::Tokens(entries) => {
-                put_u16(out, entries.len().min(u16::MAX as usize) as u16);
-                for e in entries.iter().take(u16::MAX as usize) {
-                    put_u64(out, e.token_id);
-                    put_str(out, &e.device);
-                    put_u64(out, e.created_at_ms);
-                    put_u64(out, e.last_used_at_ms);
-                    put_u64(out, e.expires_at_ms);
-                    out.push(e.current as u8);
-                }
-            }
+            Packet::Tokens(entries) => put_list(out, entries, put_token_entry),
             Packet::Ack {
                 message_id,
                 timestamp_ms,
@@ -946,10 +968,7 @@ impl Packet {
                 put_u64(out, *up_to);
             }
             Packet::HistoryPage { messages, more } => {
-                put_u16(out, messages.len().min(u16::MAX as usize) as u16);
-                for m in messages.iter().take(u16::MAX as usize) {
-                    put_message(out, m);
-                }
+                put_list(out, messages, put_message);
                 out.push(*more as u8);
             }
             Packet::CaughtUp { cursor } => put_u64(out, *cursor),
@@ -972,11 +991,7 @@ impl Packet {
             }
             Packet::RoomClosed { room } => put_str(out, room),
             Packet::RoomDeliver(m) => {
-                put_u64(out, m.id);
-                put_str(out, &m.room);
-                put_str(out, &m.sender);
-                put_u64(out, m.timestamp_ms);
-                put_str(out, &m.text);
+                put_message_fields(out, m.id, &m.room, &m.sender, m.timestamp_ms, &m.text)
             }
             Packet::Presence(p) => put_presence(out, p),
             Packet::PresenceList(list) => put_list(out, list, put_presence),
@@ -1016,21 +1031,7 @@ impl Packet {
                 max_message_id: r.u64()?,
                 delivered_cursor: r.u64()?,
             },
-            kind::TOKENS => {
-                let count = r.u16()?;
-                let mut entries = Vec::with_capacity(count.min(256) as usize);
-                for _ in 0..count {
-                    entries.push(TokenEntry {
-                        token_id: r.u64()?,
-                        device: r.string()?,
-                        created_at_ms: r.u64()?,
-                        last_used_at_ms: r.u64()?,
-                        expires_at_ms: r.u64()?,
-                        current: r.bool()?,
-                    });
-                }
-                Packet::Tokens(entries)
-            }
+            kind::TOKENS => Packet::Tokens(r.list(read_token_entry)?),
             kind::ACK => Packet::Ack {
                 message_id: r.u64()?,
                 timestamp_ms: r.u64()?,
@@ -1044,17 +1045,10 @@ impl Packet {
                 peer: r.string()?,
                 up_to: r.u64()?,
             },
-            kind::HISTORY_PAGE => {
-                let count = r.u16()?;
-                let mut messages = Vec::with_capacity(count.min(256) as usize);
-                for _ in 0..count {
-                    messages.push(read_message(&mut r)?);
-                }
-                Packet::HistoryPage {
-                    messages,
-                    more: r.bool()?,
-                }
-            }
+            kind::HISTORY_PAGE => Packet::HistoryPage {
+                messages: r.list(read_message)?,
+                more: r.bool()?,
+            },
             kind::CAUGHT_UP => Packet::CaughtUp { cursor: r.u64()? },
             kind::ROOM_INFO => Packet::RoomInfo(read_room_info(&mut r)?),
             kind::ROOM_LIST => Packet::RoomList {
@@ -1076,13 +1070,16 @@ impl Packet {
                 user: r.string()?,
             },
             kind::ROOM_CLOSED => Packet::RoomClosed { room: r.string()? },
-            kind::ROOM_DELIVER => Packet::RoomDeliver(RoomMessage {
-                id: r.u64()?,
-                room: r.string()?,
-                sender: r.string()?,
-                timestamp_ms: r.u64()?,
-                text: r.string()?,
-            }),
+            kind::ROOM_DELIVER => {
+                let (id, room, sender, timestamp_ms, text) = read_message_fields(&mut r)?;
+                Packet::RoomDeliver(RoomMessage {
+                    id,
+                    room,
+                    sender,
+                    timestamp_ms,
+                    text,
+                })
+            }
             kind::PRESENCE => Packet::Presence(read_presence(&mut r)?),
             kind::PRESENCE_LIST => Packet::PresenceList(r.list(read_presence)?),
             kind::TYPING_NOTICE => Packet::TypingNotice {
