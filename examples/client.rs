@@ -504,9 +504,7 @@ enum Pending {
     History {
         target: Target,
         limit: u16,
-        /// A bare name: if no user has it, try the room of that name.
-        room_fallback: bool,
-        /// This is that second try.
+        /// This is the second try of a bare name: no user had it, so the room of that name was asked for.
         instead_of_user: bool,
     },
     Rooms,
@@ -589,6 +587,18 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Session> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits at most `limit` while the connection is open and `waiting` holds; returns the lock.
+    fn wait_while(
+        &self,
+        limit: Duration,
+        waiting: impl Fn(&Session) -> bool,
+    ) -> MutexGuard<'_, Session> {
+        self.changed
+            .wait_timeout_while(self.lock(), limit, |s| !s.closed && waiting(s))
+            .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     /// Sends a request and remembers what it was for; false (with a line said) if it could not be written.
@@ -675,6 +685,10 @@ impl Session {
                 _ => None,
             })
             .collect()
+    }
+
+    fn awaits(&self, what: impl Fn(&Pending) -> bool) -> bool {
+        self.pending.values().any(what)
     }
 
     fn expects_room_reply(&self, room: &str) -> bool {
@@ -937,10 +951,10 @@ impl Session {
 
     fn failed(&mut self, pending: Pending, code: u16, text: &str) -> Option<(Request, Pending)> {
         match pending {
+            // A bare name is a user first; if no user has it, try the room of that name.
             Pending::History {
                 target: Target::User(name),
                 limit,
-                room_fallback: true,
                 ..
             } if code == code::UNKNOWN_RECIPIENT => {
                 return Some((
@@ -952,15 +966,16 @@ impl Session {
                     Pending::History {
                         target: Target::Room(name),
                         limit,
-                        room_fallback: false,
                         instead_of_user: true,
                     },
                 ));
             }
+            // Only "no such room" means the name was neither; any other refusal of the room try (not a member,
+            // rate limited, server error) is reported as what it is.
             Pending::History {
                 instead_of_user: true,
                 ..
-            } => say(format!(
+            } if code == code::NO_SUCH_ROOM => say(format!(
                 "error {}: no such user or room ({})",
                 code::UNKNOWN_RECIPIENT,
                 pending.context()
@@ -1113,19 +1128,9 @@ fn finish(shared: &Shared) -> bool {
         return false;
     }
     NO_PROMPT.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + QUIT_WAIT;
-    let mut s = shared.lock();
-    while !s.closed && !s.unacked().is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        s = shared
-            .changed
-            .wait_timeout(s, left)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
+    let mut s = shared.wait_while(QUIT_WAIT, |s| {
+        s.awaits(|p| matches!(p, Pending::Send { .. }))
+    });
     let lost = s.unacked();
     let receipt = (!s.closed && s.shown > s.confirmed).then(|| {
         s.confirmed = s.shown;
@@ -1139,19 +1144,9 @@ fn finish(shared: &Shared) -> bool {
     }
     if let Some(up_to) = receipt {
         if shared.send(Request::Received { up_to }, Pending::Received) {
-            let deadline = Instant::now() + RECEIVED_WAIT;
-            let mut s = shared.lock();
-            while !s.closed && s.pending.values().any(|p| matches!(p, Pending::Received)) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                s = shared
-                    .changed
-                    .wait_timeout(s, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+            drop(shared.wait_while(RECEIVED_WAIT, |s| {
+                s.awaits(|p| matches!(p, Pending::Received))
+            }));
         }
     }
     shared.lock().save();
@@ -1313,7 +1308,6 @@ fn command(shared: &Shared, line: &str) -> bool {
                 let pending = Pending::History {
                     target: Target::Room(room),
                     limit,
-                    room_fallback: false,
                     instead_of_user: false,
                 };
                 shared.send(request, pending);
@@ -1327,7 +1321,6 @@ fn command(shared: &Shared, line: &str) -> bool {
                 let pending = Pending::History {
                     target: Target::User(user),
                     limit,
-                    room_fallback: true,
                     instead_of_user: false,
                 };
                 shared.send(request, pending);

@@ -169,20 +169,8 @@ impl Client {
     /// Wraps a connected stream and reads the Hello.
     pub fn from_stream(stream: TcpStream) -> Result<Client> {
         stream.set_nodelay(true)?;
-        let mut client = Client {
-            stream,
-            input: Vec::with_capacity(4096),
-            next_request_id: 1,
-            stash: Stash::default(),
-            hello: Hello {
-                connection_id: [0; 16],
-                server_version: String::new(),
-                max_frame: 0,
-                idle_timeout_ms: 0,
-                auth_timeout_ms: 0,
-            },
-        };
-        match client.recv(DEFAULT_TIMEOUT)? {
+        let mut input = Vec::with_capacity(4096);
+        let hello = match read_frame(&stream, &mut input, DEFAULT_TIMEOUT)? {
             (
                 _,
                 Packet::Hello {
@@ -192,19 +180,23 @@ impl Client {
                     idle_timeout_ms,
                     auth_timeout_ms,
                 },
-            ) => {
-                client.hello = Hello {
-                    connection_id,
-                    server_version,
-                    max_frame,
-                    idle_timeout_ms,
-                    auth_timeout_ms,
-                };
-                Ok(client)
-            }
-            (_, Packet::Error { code, text }) => Err(ClientError::Server { code, text }),
-            (_, other) => Err(ClientError::Unexpected(other)),
-        }
+            ) => Hello {
+                connection_id,
+                server_version,
+                max_frame,
+                idle_timeout_ms,
+                auth_timeout_ms,
+            },
+            (_, Packet::Error { code, text }) => return Err(ClientError::Server { code, text }),
+            (_, other) => return Err(ClientError::Unexpected(other)),
+        };
+        Ok(Client {
+            stream,
+            input,
+            next_request_id: 1,
+            stash: Stash::default(),
+            hello,
+        })
     }
 
     pub fn hello(&self) -> &Hello {
@@ -259,14 +251,8 @@ impl Client {
         if let Some(packet) = self.stash.take_reply_to(id) {
             return into_result(packet);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (rid, packet) = self.recv(deadline.saturating_duration_since(Instant::now()))?;
-            if rid == id {
-                return into_result(packet);
-            }
-            self.stash.keep(rid, packet);
-        }
+        let (_, packet) = self.recv_until(timeout, |rid| rid == id)?;
+        into_result(packet)
     }
 
     /// Waits for the next server push (request id 0): Deliver, receipts, CaughtUp, Shutdown, closing Errors.
@@ -274,14 +260,8 @@ impl Client {
         if let Some(p) = self.stash.take_push() {
             return Ok(p);
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (rid, packet) = self.recv(deadline.saturating_duration_since(Instant::now()))?;
-            if rid == 0 {
-                return Ok(packet);
-            }
-            self.stash.keep(rid, packet);
-        }
+        let (_, packet) = self.recv_until(timeout, |rid| rid == 0)?;
+        Ok(packet)
     }
 
     /// Takes the next reply to any request (for pipelined senders), keeping pushes for `next_push`.
@@ -289,13 +269,22 @@ impl Client {
         if let Some(r) = self.stash.take_reply() {
             return Ok(r);
         }
+        self.recv_until(timeout, |rid| rid != 0)
+    }
+
+    /// Reads frames until one whose request id `wanted` accepts, keeping the others for later calls.
+    fn recv_until(
+        &mut self,
+        timeout: Duration,
+        wanted: impl Fn(u32) -> bool,
+    ) -> Result<(u32, Packet)> {
         let deadline = Instant::now() + timeout;
         loop {
             let (rid, packet) = self.recv(deadline.saturating_duration_since(Instant::now()))?;
-            if rid != 0 {
+            if wanted(rid) {
                 return Ok((rid, packet));
             }
-            self.stash.keep(0, packet);
+            self.stash.keep(rid, packet);
         }
     }
 
