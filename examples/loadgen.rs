@@ -918,10 +918,6 @@ fn put_send(out: &mut Vec<u8>, rid: u32, to: &str, client_msg_id: u64, text: &[u
     patch_body_len(out, start);
 }
 
-fn put_request(out: &mut Vec<u8>, rid: u32, request: &Request) {
-    request.encode(rid, out);
-}
-
 struct Fields<'a>(&'a [u8]);
 
 impl<'a> Fields<'a> {
@@ -946,18 +942,8 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// (message id, text) of a Deliver body.
+/// (message id, text) of a Deliver or RoomDeliver body: both are id, two names, timestamp, text.
 fn parse_deliver(body: &[u8]) -> Option<(u64, &[u8])> {
-    let mut f = Fields(body);
-    let id = f.u64()?;
-    f.str()?;
-    f.str()?;
-    f.u64()?;
-    Some((id, f.str()?))
-}
-
-/// (message id, text) of a RoomDeliver body.
-fn parse_room_deliver(body: &[u8]) -> Option<(u64, &[u8])> {
     let mut f = Fields(body);
     let id = f.u64()?;
     f.str()?;
@@ -1102,7 +1088,7 @@ impl Wire {
         let rid = self.next_rid;
         self.next_rid += 1;
         let mut frame = Vec::with_capacity(64);
-        put_request(&mut frame, rid, request);
+        request.encode(rid, &mut frame);
         self.stream.write_all(&frame).map_err(other)?;
         Ok(rid)
     }
@@ -1197,11 +1183,17 @@ fn setup_err(what: &str) -> impl Fn(WireError) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-/// A registered, logged-in user on a fresh connection.
-fn user_wire(addr: SocketAddr, name: &str) -> Result<Wire, String> {
-    let mut wire = Wire::connect(addr, None).map_err(setup_err("connect"))?;
+/// A fresh connection (from `source`, if given) that has registered `name`, not logged in.
+fn registered_wire(addr: SocketAddr, source: Option<IpAddr>, name: &str) -> Result<Wire, String> {
+    let mut wire = Wire::connect(addr, source).map_err(setup_err("connect"))?;
     wire.register(name)
         .map_err(|e| format!("register {name}: {e}"))?;
+    Ok(wire)
+}
+
+/// A registered, logged-in user on a fresh connection.
+fn user_wire(addr: SocketAddr, name: &str) -> Result<Wire, String> {
+    let mut wire = registered_wire(addr, None, name)?;
     wire.login(name, "loadgen")
         .map_err(|e| format!("login {name}: {e}"))?;
     Ok(wire)
@@ -1352,6 +1344,16 @@ impl Net {
     /// Connections that closed since the last call, with why.
     fn take_closed(&mut self) -> Vec<(usize, String)> {
         std::mem::take(&mut self.closed)
+    }
+
+    /// An error naming the connections (by `name`) that closed since the last call, if any did.
+    fn check_closed(&mut self, name: impl Fn(usize) -> String) -> Result<(), String> {
+        let closed = self.take_closed();
+        if closed.is_empty() {
+            Ok(())
+        } else {
+            Err(closed_error(&closed, name))
+        }
     }
 
     /// One turn: write what is pending, wait for events (at most `timeout`), read every readable connection and
@@ -1583,7 +1585,8 @@ fn in_window(samples: &[(u64, u32)], from: u64, to: u64) -> Vec<u32> {
 enum Pace {
     /// Keep `window` messages unacknowledged per sender.
     Window,
-    /// One message per sender every `interval_us`, stamped with its scheduled time (no coordinated omission).
+    /// One message per sender every `interval_us`. Each is stamped when it is written; how late the generator is
+    /// against the schedule is reported on its own row.
     Rate { interval_us: f64 },
 }
 
@@ -1642,14 +1645,7 @@ impl PairOutcome {
         self.missing == 0 && self.duplicates == 0 && self.misrouted == 0
     }
     fn errors_text(&self) -> String {
-        if self.errors.is_empty() {
-            return "none".into();
-        }
-        self.errors
-            .iter()
-            .map(|(code, n)| format!("{n} x code {code}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        errors_text(&self.errors)
     }
     fn report(&self, report: &mut Report, fine: bool) {
         report.int("sent", "messages sent", self.sent);
@@ -1662,21 +1658,7 @@ impl PairOutcome {
             self.delivered_rate(),
             0,
         );
-        report.latency("ack", "send->ack", &mut self.ack_us.clone(), fine);
-        report.latency(
-            "deliver",
-            "send->deliver",
-            &mut self.deliver_us.clone(),
-            fine,
-        );
-        if !self.late_us.is_empty() {
-            let late = Percentiles::of(&mut self.late_us.clone());
-            report.int(
-                "generator_late_p99_us",
-                "generator lateness vs schedule p99 (us)",
-                late.p99 as u64,
-            );
-        }
+        self.report_latencies(report, "", "", fine);
         report.text("send_errors", "send errors", self.errors_text());
         report.int("missing", "acked but never delivered", self.missing);
         report.int("duplicates", "delivered twice", self.duplicates);
@@ -1691,20 +1673,60 @@ impl PairOutcome {
             "exactly once (every acked message delivered once)",
             self.exactly_once(),
         );
+        self.check(report, "");
+    }
+    /// send->ack and send->deliver percentiles, and how late the generator itself was; keys and labels start
+    /// with the prefixes (the relay run's rows say "relay").
+    fn report_latencies(&self, report: &mut Report, key: &str, label: &str, fine: bool) {
+        report.latency(
+            &format!("{key}ack"),
+            &format!("{label}send->ack"),
+            &mut self.ack_us.clone(),
+            fine,
+        );
+        report.latency(
+            &format!("{key}deliver"),
+            &format!("{label}send->deliver"),
+            &mut self.deliver_us.clone(),
+            fine,
+        );
+        if !self.late_us.is_empty() {
+            let late = Percentiles::of(&mut self.late_us.clone());
+            report.int(
+                &format!("{key}generator_late_p99_us"),
+                &format!("{label}generator lateness vs schedule p99 (us)"),
+                late.p99 as u64,
+            );
+        }
+    }
+    /// Fails the report if delivery was not exactly once or sends failed; `what` starts each failure's text.
+    fn check(&self, report: &mut Report, what: &str) {
         if !self.exactly_once() {
             report.fail(format!(
-                "delivery not exactly once: {} missing, {} duplicates, {} misrouted",
+                "{what}delivery not exactly once: {} missing, {} duplicates, {} misrouted",
                 self.missing, self.duplicates, self.misrouted
             ));
         }
         if self.failed > 0 {
             report.fail(format!(
-                "{} sends failed: {}",
+                "{what}{} sends failed: {}",
                 self.failed,
                 self.errors_text()
             ));
         }
     }
+}
+
+/// Error replies counted by code, as "3 x code 108, 1 x code 110" ("none" when there were none).
+fn errors_text(errors: &BTreeMap<u16, u64>) -> String {
+    if errors.is_empty() {
+        return "none".into();
+    }
+    errors
+        .iter()
+        .map(|(code, n)| format!("{n} x code {code}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 struct SenderState {
@@ -1885,16 +1907,13 @@ fn run_pairs(net: &mut Net, spec: &PairSpec) -> Result<PairOutcome, String> {
                 *out.errors.entry(code).or_default() += 1;
             }
         })?;
-        let closed = net.take_closed();
-        if !closed.is_empty() {
-            return Err(closed_error(&closed, |i| {
-                format!(
-                    "{} {}",
-                    if i % 2 == 0 { "sender" } else { "receiver" },
-                    i / 2
-                )
-            }));
-        }
+        net.check_closed(|i| {
+            format!(
+                "{} {}",
+                if i % 2 == 0 { "sender" } else { "receiver" },
+                i / 2
+            )
+        })?;
     }
     for (s, r) in senders.iter().zip(&receivers) {
         out.sent += s.sent;
@@ -1956,23 +1975,7 @@ fn scenario_dm(ctx: &Ctx, latency: bool) -> Result<Report, String> {
             recipients,
         }
     } else {
-        let limit = ctx
-            .opts
-            .messages
-            .or(if ctx.opts.smoke { Some(100) } else { None });
-        PairSpec {
-            pairs,
-            window,
-            size,
-            pace: Pace::Window,
-            limit: limit.unwrap_or(u64::MAX),
-            duration: if limit.is_some() {
-                None
-            } else {
-                Some(ctx.seconds(10.0, 1.0))
-            },
-            recipients,
-        }
+        window_spec(ctx, pairs, window, size, recipients)
     };
     report.int("pairs", "pairs", pairs as u64);
     if !latency {
@@ -2034,26 +2037,7 @@ fn relay_latency(
         outcome.acked_rate(),
         0,
     );
-    report.latency(
-        "relay_ack",
-        "relay send->ack",
-        &mut outcome.ack_us.clone(),
-        true,
-    );
-    report.latency(
-        "relay_deliver",
-        "relay send->deliver",
-        &mut outcome.deliver_us.clone(),
-        true,
-    );
-    if !outcome.late_us.is_empty() {
-        let late = Percentiles::of(&mut outcome.late_us.clone());
-        report.int(
-            "relay_generator_late_p99_us",
-            "relay generator lateness vs schedule p99 (us)",
-            late.p99 as u64,
-        );
-    }
+    outcome.report_latencies(report, "relay_", "relay ", true);
     let ratio = |a: u32, b: u32| if b > 0 { a as f64 / b as f64 } else { f64::NAN };
     for (key, label, s, r) in [
         ("ack", "send->ack", &server.ack_us, &outcome.ack_us),
@@ -2086,19 +2070,7 @@ fn relay_latency(
         "frames relayed by the relay",
         relay.relayed.load(Ordering::Relaxed),
     );
-    if !outcome.exactly_once() {
-        report.fail(format!(
-            "relay run: delivery not exactly once: {} missing, {} duplicates, {} misrouted",
-            outcome.missing, outcome.duplicates, outcome.misrouted
-        ));
-    }
-    if outcome.failed > 0 {
-        report.fail(format!(
-            "relay run: {} sends failed: {}",
-            outcome.failed,
-            outcome.errors_text()
-        ));
-    }
+    outcome.check(report, "relay run: ");
     Ok(())
 }
 
@@ -2346,17 +2318,20 @@ fn connect_relay(ctx: &Ctx, pairs: usize) -> Result<(Relay, Net), String> {
     Ok((relay, net))
 }
 
-fn scenario_relay(ctx: &Ctx) -> Result<Report, String> {
-    let mut report = Report::new("relay-ceiling");
-    let pairs = ctx.size(ctx.opts.pairs, 100, 4).max(1);
-    let window = ctx.size(ctx.opts.window, 64, 16).max(1);
-    let size = ctx.size(ctx.opts.size, 64, 64).max(1);
+/// The windowed pair workload dm-throughput and relay-ceiling share: `--messages` per sender (100 with
+/// `--smoke`), or 10 seconds.
+fn window_spec(
+    ctx: &Ctx,
+    pairs: usize,
+    window: usize,
+    size: usize,
+    recipients: Vec<String>,
+) -> PairSpec {
     let limit = ctx
         .opts
         .messages
         .or(if ctx.opts.smoke { Some(100) } else { None });
-    let (relay, mut net) = connect_relay(ctx, pairs)?;
-    let spec = PairSpec {
+    PairSpec {
         pairs,
         window,
         size,
@@ -2367,8 +2342,18 @@ fn scenario_relay(ctx: &Ctx) -> Result<Report, String> {
         } else {
             Some(ctx.seconds(10.0, 1.0))
         },
-        recipients: (0..pairs).map(|p| format!("peer{p}")).collect(),
-    };
+        recipients,
+    }
+}
+
+fn scenario_relay(ctx: &Ctx) -> Result<Report, String> {
+    let mut report = Report::new("relay-ceiling");
+    let pairs = ctx.size(ctx.opts.pairs, 100, 4).max(1);
+    let window = ctx.size(ctx.opts.window, 64, 16).max(1);
+    let size = ctx.size(ctx.opts.size, 64, 64).max(1);
+    let (relay, mut net) = connect_relay(ctx, pairs)?;
+    let recipients = (0..pairs).map(|p| format!("peer{p}")).collect();
+    let spec = window_spec(ctx, pairs, window, size, recipients);
     report.int("pairs", "pairs", pairs as u64);
     report.int("window", "window per sender", window as u64);
     report.int("size", "text size (bytes)", size as u64);
@@ -2426,7 +2411,6 @@ fn bench_text(pair: usize, seq: u64, size: usize) -> String {
 /// What the store runs insert: `pairs` conversations, rows of `size` bytes, in runs of `run_len` consecutive
 /// rows per sender (how pipelining senders reach the store), for `duration`.
 struct StoreSpec {
-    synchronous: &'static str,
     sync: SyncMode,
     pairs: usize,
     size: usize,
@@ -2435,6 +2419,13 @@ struct StoreSpec {
 }
 
 impl StoreSpec {
+    /// The `PRAGMA synchronous` value the server uses for `sync`.
+    fn pragma_synchronous(sync: SyncMode) -> &'static str {
+        match sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        }
+    }
     /// The conversation of the `row`th row.
     fn pair_of(&self, row: u64) -> usize {
         (row as usize / self.run_len) % self.pairs
@@ -2464,8 +2455,12 @@ fn rusqlite_run(
     conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(sql)?;
-    conn.pragma_update(None, "synchronous", spec.synchronous)
-        .map_err(sql)?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        StoreSpec::pragma_synchronous(spec.sync),
+    )
+    .map_err(sql)?;
     conn.pragma_update(None, "foreign_keys", true)
         .map_err(sql)?;
     let mut users = Vec::with_capacity(2 * pairs);
@@ -2552,7 +2547,12 @@ fn store_thread_run(path: &Path, spec: &StoreSpec, max_batch: usize) -> Result<S
             queue_capacity: 4096,
             max_batch,
         },
-        Arc::new(|| {}),
+        // Like the server's loop, the producer is woken once per committed batch, not by each completion:
+        // waking on every completion would charge the store thread context switches the server never pays.
+        {
+            let producer = thread::current();
+            Arc::new(move || producer.unpark())
+        },
     )
     .map_err(|e| format!("store: {e}"))?;
     let ticket = Ticket {
@@ -2611,18 +2611,15 @@ fn store_thread_run(path: &Path, spec: &StoreSpec, max_batch: usize) -> Result<S
                 }
             }
         }
-        match done.recv_timeout(Duration::from_millis(1)) {
-            Ok(d) => match d.outcome {
-                Outcome::Stored { .. } => run.rows += 1,
-                other => return Err(format!("storing a message: {other:?}")),
-            },
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(e) => return Err(format!("the store thread stopped: {e}")),
-        }
-        while let Ok(d) = done.try_recv() {
-            match d.outcome {
-                Outcome::Stored { .. } => run.rows += 1,
-                other => return Err(format!("storing a message: {other:?}")),
+        thread::park_timeout(Duration::from_millis(1));
+        loop {
+            match done.try_recv() {
+                Ok(d) => match d.outcome {
+                    Outcome::Stored { .. } => run.rows += 1,
+                    other => return Err(format!("storing a message: {other:?}")),
+                },
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(e) => return Err(format!("the store thread stopped: {e}")),
             }
         }
     }
@@ -2643,18 +2640,14 @@ fn scenario_store(ctx: &Ctx) -> Result<Report, String> {
         ctx.opts.batch.iter().map(|b| (*b).max(1)).collect()
     };
     let largest = *batches.iter().max().unwrap_or(&1024);
-    let synchronous = if ctx.opts.sync == "normal" {
-        "NORMAL"
-    } else {
-        "FULL"
-    };
     let dir = ctx.temp_dir()?;
     report.text(
         "database",
         "database directory",
         format!("{} ({})", dir.path().display(), fs_type(dir.path())),
     );
-    report.text("sync", "synchronous", synchronous);
+    let sync = ctx.sync();
+    report.text("sync", "synchronous", StoreSpec::pragma_synchronous(sync));
     report.int("size", "text size (bytes)", size as u64);
     report.int("pairs", "senders (= recipients)", pairs as u64);
     report.num(
@@ -2670,8 +2663,7 @@ fn scenario_store(ctx: &Ctx) -> Result<Report, String> {
         format!("runs of {run_len} rows per sender (--window), like pipelined senders"),
     );
     let spec = StoreSpec {
-        synchronous,
-        sync: ctx.sync(),
+        sync,
         pairs,
         size,
         run_len,
@@ -2808,9 +2800,7 @@ fn scenario_idle(ctx: &Ctx) -> Result<Report, String> {
     let started = Instant::now();
     let firsts = par_map(users, SETUP_THREADS.min(users), |u| {
         let name = format!("{}i{u}", pre);
-        let mut wire = Wire::connect(addr, source_of(u)).map_err(setup_err("connect"))?;
-        wire.register(&name)
-            .map_err(|e| format!("register {name}: {e}"))?;
+        let mut wire = registered_wire(addr, source_of(u), &name)?;
         let token = wire
             .login(&name, "idle")
             .map_err(|e| format!("login {name}: {e}"))?;
@@ -2931,9 +2921,7 @@ fn scenario_login_storm(ctx: &Ctx) -> Result<Report, String> {
     );
     let started = Instant::now();
     par_map(n, SETUP_THREADS, |i| {
-        let mut wire = Wire::connect(addr, None).map_err(setup_err("connect"))?;
-        wire.register(&names[i])
-            .map_err(|e| format!("register {}: {e}", names[i]))
+        registered_wire(addr, None, &names[i]).map(drop)
     })?;
     let register_s = started.elapsed().as_secs_f64();
     let wires = par_map(n, SETUP_THREADS, |_| {
@@ -2949,16 +2937,13 @@ fn scenario_login_storm(ctx: &Ctx) -> Result<Report, String> {
     eprintln!("loadgen: login-storm: {n} logins at once");
     let storm_start = now_us();
     for (i, name) in names.iter().enumerate() {
-        put_request(
-            net.outs.buf(i),
-            1,
-            &Request::Login {
-                username: name.clone(),
-                password: PASSWORD.into(),
-                device: "storm".into(),
-                last_seen: 0,
-            },
-        );
+        Request::Login {
+            username: name.clone(),
+            password: PASSWORD.into(),
+            device: "storm".into(),
+            last_seen: 0,
+        }
+        .encode(1, net.outs.buf(i));
     }
     let mut answered = vec![false; n];
     let (mut ok, mut replies, mut last) = (0u64, 0usize, storm_start);
@@ -3038,11 +3023,7 @@ fn scenario_login_storm(ctx: &Ctx) -> Result<Report, String> {
         report.fail(format!(
             "{} of {n} logins failed: {}",
             n as u64 - ok,
-            errors
-                .iter()
-                .map(|(c, k)| format!("{k} x code {c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            errors_text(&errors)
         ));
     }
     target.finish(ctx, &mut report);
@@ -3073,10 +3054,7 @@ fn scenario_backlog(ctx: &Ctx) -> Result<Report, String> {
     }
     eprintln!("loadgen: backlog: setting up {fillers} fillers, {pairs} chatting pairs, the sink");
     let wires = par_map(names.len(), SETUP_THREADS, |i| user_wire(addr, &names[i]))?;
-    let mut sink_wire = Wire::connect(addr, None).map_err(setup_err("connect"))?;
-    sink_wire
-        .register(&sink)
-        .map_err(|e| format!("register {sink}: {e}"))?;
+    let sink_wire = registered_wire(addr, None, &sink)?;
     let mut net = Net::new()?;
     for wire in wires {
         net.add_wire(wire)?;
@@ -3131,12 +3109,7 @@ fn scenario_backlog(ctx: &Ctx) -> Result<Report, String> {
                 _ => {}
             }
         })?;
-        let closed = net.take_closed();
-        if !closed.is_empty() {
-            return Err(closed_error(&closed, |i| {
-                names.get(i).cloned().unwrap_or(sink.clone())
-            }));
-        }
+        net.check_closed(|i| names.get(i).cloned().unwrap_or(sink.clone()))?;
     }
     let fill_us = now_us() - fill_start;
     if !fill_errors.is_empty() {
@@ -3174,16 +3147,13 @@ fn scenario_backlog(ctx: &Ctx) -> Result<Report, String> {
         }
         if login_sent.is_none() && now >= login_at {
             eprintln!("loadgen: backlog: the offline user logs in");
-            put_request(
-                net.outs.buf(sink_conn),
-                1,
-                &Request::Login {
-                    username: sink.clone(),
-                    password: PASSWORD.into(),
-                    device: "backlog".into(),
-                    last_seen: 0,
-                },
-            );
+            Request::Login {
+                username: sink.clone(),
+                password: PASSWORD.into(),
+                device: "backlog".into(),
+                last_seen: 0,
+            }
+            .encode(1, net.outs.buf(sink_conn));
             login_sent = Some(now);
         }
         for p in 0..pairs {
@@ -3270,12 +3240,7 @@ fn scenario_backlog(ctx: &Ctx) -> Result<Report, String> {
                 "the offline user's login failed: error {code}: {text}"
             ));
         }
-        let closed = net.take_closed();
-        if !closed.is_empty() {
-            return Err(closed_error(&closed, |i| {
-                names.get(i).cloned().unwrap_or(sink.clone())
-            }));
-        }
+        net.check_closed(|i| names.get(i).cloned().unwrap_or(sink.clone()))?;
     }
     let samples = probe.finish()?;
     let (login_sent, caught_up) = (login_sent.unwrap_or(0), caught_up.unwrap_or(0));
@@ -3425,7 +3390,7 @@ fn scenario_room(ctx: &Ctx) -> Result<Report, String> {
     // Barrier: a Ping on every connection, so the join announcements are read before timing starts.
     const BARRIER: u32 = u32::MAX - 1;
     for i in 0..net.len() {
-        put_request(net.outs.buf(i), BARRIER, &Request::Ping);
+        Request::Ping.encode(BARRIER, net.outs.buf(i));
     }
     let mut pongs = 0;
     let barrier_end = Instant::now() + Duration::from_secs(120);
@@ -3438,10 +3403,7 @@ fn scenario_room(ctx: &Ctx) -> Result<Report, String> {
                 pongs += 1;
             }
         })?;
-        let closed = net.take_closed();
-        if !closed.is_empty() {
-            return Err(closed_error(&closed, |i| format!("connection {i}")));
-        }
+        net.check_closed(|i| format!("connection {i}"))?;
     }
     let share: Vec<usize> = (0..senders)
         .map(|s| messages / senders + usize::from(s < messages % senders))
@@ -3530,7 +3492,7 @@ fn scenario_room(ctx: &Ctx) -> Result<Report, String> {
                 kind::ROOM_DELIVER => {
                     deliveries += 1;
                     let m = i - senders;
-                    let tag = parse_room_deliver(body).and_then(|(_, text)| parse_tag(text));
+                    let tag = parse_deliver(body).and_then(|(_, text)| parse_tag(text));
                     let Some([s, seq, _]) = tag.filter(|[s, seq, _]| {
                         (*s as usize) < senders && (*seq as usize) < share[*s as usize]
                     }) else {
@@ -3556,16 +3518,13 @@ fn scenario_room(ctx: &Ctx) -> Result<Report, String> {
                 _ => {}
             }
         })?;
-        let closed = net.take_closed();
-        if !closed.is_empty() {
-            return Err(closed_error(&closed, |i| {
-                if i < senders {
-                    format!("sender {i}")
-                } else {
-                    format!("member {}", i - senders)
-                }
-            }));
-        }
+        net.check_closed(|i| {
+            if i < senders {
+                format!("sender {i}")
+            } else {
+                format!("member {}", i - senders)
+            }
+        })?;
     }
     let end = last_at.iter().copied().max().unwrap_or(start);
     let mut to_last: Vec<u32> = (0..messages)
