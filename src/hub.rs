@@ -77,9 +77,9 @@ impl Hub {
         let Some(online) = self.users.get_mut(&user) else {
             return false;
         };
-        let before = online.sessions.len();
         online.sessions.retain(|s| s.id != session_id);
-        if online.sessions.is_empty() && before > 0 {
+        // A user is in the map only while they have a session, so an empty list means that was the last.
+        if online.sessions.is_empty() {
             if let Some(gone) = self.users.remove(&user) {
                 self.by_name.remove(&gone.username);
             }
@@ -132,6 +132,13 @@ impl Hub {
 
     pub fn room_id(&self, name: &str) -> Option<u64> {
         self.room_ids.get(name).copied()
+    }
+
+    /// Whether `user` is a current member of the open room `room_id`.
+    pub fn is_member(&self, room_id: u64, user: UserId) -> bool {
+        self.rooms
+            .get(&room_id)
+            .is_some_and(|r| r.members.contains(&user))
     }
 
     /// Appends the slots of the live sessions of every member of a room, except one (the sender's own).

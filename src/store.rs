@@ -155,9 +155,8 @@ pub enum Op {
     CloseRoom { host_id: UserId, name: String },
     /// One page of all rooms, open and closed, ordered by name, names > after_name ("" = from the start).
     ListRooms { after_name: String, limit: u32 },
-    /// The room and its active members ordered by name, or NoSuchRoom. user_id is not checked: any logged-in user
-    /// may ask.
-    RoomMembers { user_id: UserId, name: String },
+    /// The room and its active members ordered by name, or NoSuchRoom. Any logged-in user may ask.
+    RoomMembers { name: String },
     /// Store a message to a room. Answers like StoreMessage (Stored, a resend of (sender, client_msg_id) returns
     /// the original — direct or room message, they share one client id space — with duplicate = true, checked
     /// before anything else), or NoSuchRoom, RoomIsClosed, NotMember (not a current member).
@@ -1191,7 +1190,7 @@ fn execute_op(db: &mut Db, op: Op, now: u64) -> JobResult<Outcome> {
         Op::CloseRoom { host_id, name } => close_room(conn, host_id, &name, now),
         Op::ListRooms { after_name, limit } => list_rooms(conn, &after_name, limit),
         // Any logged-in user may list a room's members, so who asks does not matter here.
-        Op::RoomMembers { user_id: _, name } => room_members(conn, &name),
+        Op::RoomMembers { name } => room_members(conn, &name),
         Op::StoreRoomMessage {
             sender,
             room,
@@ -3675,10 +3674,7 @@ mod tests {
         }
 
         fn members(&mut self, name: &str) -> (RoomInfo, Vec<String>) {
-            match self.call(Op::RoomMembers {
-                user_id: 1,
-                name: name.into(),
-            }) {
+            match self.call(Op::RoomMembers { name: name.into() }) {
                 Outcome::Members { room, members } => {
                     (room, members.into_iter().map(|(_, name)| name).collect())
                 }
@@ -3786,7 +3782,6 @@ mod tests {
                 name: "nowhere".into(),
             },
             Op::RoomMembers {
-                user_id: alice,
                 name: "nowhere".into(),
             },
             post_op(alice, "nowhere", 1, "hello?"),

@@ -149,7 +149,7 @@ impl Reactor {
                 let Some(name) = self.room_name(slot, rid, &name) else {
                     return;
                 };
-                self.store_job(slot, rid, Op::RoomMembers { user_id, name });
+                self.store_job(slot, rid, Op::RoomMembers { name });
             }
             Request::SendRoom {
                 room,
@@ -377,12 +377,7 @@ impl Reactor {
         let mut targets = std::mem::take(&mut self.targets_scratch);
         targets.clear();
         self.hub.room_sessions(room_id, None, &mut targets);
-        if let Some(also) = also.filter(|u| {
-            !self
-                .hub
-                .room(room_id)
-                .is_some_and(|r| r.members.contains(u))
-        }) {
+        if let Some(also) = also.filter(|u| !self.hub.is_member(room_id, *u)) {
             targets.extend(self.hub.sessions_of(also).iter().map(|s| s.slot));
         }
         let packet = Packet::RoomEvent {
@@ -546,11 +541,23 @@ impl Reactor {
             return;
         };
         let (now, interval) = (self.now, self.config.typing_interval);
+        let Some(user_id) = self.sessions[slot].identity().map(|i| i.user_id) else {
+            return;
+        };
+        // Who may be told is settled before the rate memory is touched, so a notice dropped for not being a
+        // member does not use up the slot of a room the user joins a moment later.
+        let room_id = if room {
+            match self.hub.room_id(&to) {
+                Some(room_id) if self.hub.is_member(room_id, user_id) => Some(room_id),
+                _ => return,
+            }
+        } else {
+            None
+        };
         let State::Ready(identity) = &mut self.sessions[slot].state else {
             return;
         };
         let from = identity.username.clone();
-        let user_id = identity.user_id;
         match identity
             .typing
             .iter_mut()
@@ -567,19 +574,7 @@ impl Reactor {
         }
         let mut targets = std::mem::take(&mut self.targets_scratch);
         targets.clear();
-        let notice = if room {
-            let Some(room_id) = self.hub.room_id(&to) else {
-                self.targets_scratch = targets;
-                return;
-            };
-            if !self
-                .hub
-                .room(room_id)
-                .is_some_and(|r| r.members.contains(&user_id))
-            {
-                self.targets_scratch = targets;
-                return;
-            }
+        let notice = if let Some(room_id) = room_id {
             self.hub.room_sessions(room_id, None, &mut targets);
             targets.retain(|s| *s != slot);
             Packet::TypingNotice { from, room: to }
