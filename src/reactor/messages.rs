@@ -383,9 +383,8 @@ impl Reactor {
     /// A page arrived: send what is past the cursor; then either wait for the output to drain before the next
     /// page, or — when the page was the last — go live and say so with CaughtUp.
     fn feed_page(&mut self, slot: usize, messages: Vec<StoredMessage>, more: bool) {
-        let mut frame = std::mem::take(&mut self.frame_scratch);
-        let State::Ready(identity) = &mut self.sessions[slot].state else {
-            self.frame_scratch = frame;
+        let session = &mut self.sessions[slot];
+        let State::Ready(identity) = &mut session.state else {
             return;
         };
         // A page for an earlier login of this connection (it logged out and in again meanwhile) is stale.
@@ -394,15 +393,15 @@ impl Reactor {
                 page_in_flight: true,
             })
         {
-            self.frame_scratch = frame;
             return;
         }
-        frame.clear();
+        // Encoded straight into the session's output: the page is already bounded by feed_page, and the
+        // output limit allows for one (see Config::out_hard_limit).
         for m in &messages {
             if m.id <= identity.cursor {
                 continue;
             }
-            encode_stored(&mut frame, m);
+            encode_stored(&mut session.output, m);
             identity.cursor = m.id;
             self.stats.delivered += 1;
         }
@@ -414,8 +413,6 @@ impl Reactor {
         } else {
             Feed::Live
         };
-        self.sessions[slot].output.extend_from_slice(&frame);
-        self.frame_scratch = frame;
         self.queue_flush(slot);
         if more {
             self.request_page_if_drained(slot);
