@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{code_of, start, start_with, TestServer};
+use common::{code_of, start, start_with, TestServer, PASSWORD};
 use hubbub::auth::HashParams;
 use hubbub::client::{Client, ClientError, LoginInfo};
 use hubbub::protocol::{code, Packet, Request, TokenEntry};
@@ -16,8 +16,6 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The password every test user has.
-const PW: &str = "password123";
 /// How long to wait for something that should happen promptly (generous: slow machines).
 const LONG: Duration = Duration::from_secs(30);
 
@@ -25,18 +23,11 @@ const LONG: Duration = Duration::from_secs(30);
 // Helpers
 // -------------------------------------------------------------------------------------------------------------
 
-/// Registers `name` on a throwaway connection.
-fn register(server: &TestServer, name: &str) {
-    let mut c = server.connect();
-    c.register(name, PW)
-        .unwrap_or_else(|e| panic!("register {name}: {e}"));
-}
-
 /// A fresh connection logged in as `name` (already registered) from `device`.
 fn login_as(server: &TestServer, name: &str, device: &str) -> (Client, LoginInfo) {
     let mut c = server.connect();
     let info = c
-        .login(name, PW, device, 0)
+        .login(name, PASSWORD, device, 0)
         .unwrap_or_else(|e| panic!("login {name}/{device}: {e}"));
     (c, info)
 }
@@ -144,14 +135,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn register_then_login_returns_token_user_id_and_canonical_name() {
     let server = start();
     let mut c = server.connect();
-    c.register("Alice", PW).unwrap();
-    let info = c.login("ALICE", PW, "laptop", 0).unwrap();
+    c.register("Alice", PASSWORD).unwrap();
+    let info = c.login("ALICE", PASSWORD, "laptop", 0).unwrap();
     assert_eq!(info.username, "alice", "the canonical (lowercase) name");
     assert_ne!(info.token, [0u8; 16], "a real token, not zeros");
     assert!(info.user_id > 0, "user id {}", info.user_id);
 
     // A second user gets another id; a second login another token.
-    register(&server, "bob");
+    server.register("bob");
     let (_b, bob) = login_as(&server, "bob", "phone");
     assert_ne!(bob.user_id, info.user_id);
     let (_a2, again) = login_as(&server, "alice", "phone");
@@ -163,22 +154,25 @@ fn register_then_login_returns_token_user_id_and_canonical_name() {
 fn duplicate_register_is_username_taken_whatever_the_case() {
     let server = start();
     let mut c = server.connect();
-    c.register("alice", PW).unwrap();
-    assert_eq!(code_of(c.register("alice", PW)), code::USERNAME_TAKEN);
+    c.register("alice", PASSWORD).unwrap();
+    assert_eq!(code_of(c.register("alice", PASSWORD)), code::USERNAME_TAKEN);
     // "Alice" and "alice" are the same name.
     assert_eq!(
         code_of(c.register("Alice", "another-password")),
         code::USERNAME_TAKEN
     );
     let mut other = server.connect();
-    assert_eq!(code_of(other.register("ALICE", PW)), code::USERNAME_TAKEN);
+    assert_eq!(
+        code_of(other.register("ALICE", PASSWORD)),
+        code::USERNAME_TAKEN
+    );
     // The connection stays usable after the refusals, and the original password is the one that works.
     c.ping().unwrap();
     assert_eq!(
         code_of(other.login("alice", "another-password", "d", 0)),
         code::BAD_CREDENTIALS
     );
-    other.login("Alice", PW, "d", 0).unwrap();
+    other.login("Alice", PASSWORD, "d", 0).unwrap();
 }
 
 #[test]
@@ -198,7 +192,7 @@ fn invalid_usernames_are_refused_and_edges_accepted() {
         "semi;colon".to_string(), // punctuation outside _ . -
     ];
     for name in &invalid {
-        let (code, text) = error_of(c.register(name, PW));
+        let (code, text) = error_of(c.register(name, PASSWORD));
         assert_eq!(code, code::INVALID_USERNAME, "{name:?}");
         assert!(!text.is_empty(), "{name:?}: the error says why");
     }
@@ -213,7 +207,7 @@ fn invalid_usernames_are_refused_and_edges_accepted() {
         "MiXeD.Case".to_string(), // accepted and folded to lowercase
     ];
     for name in &valid {
-        c.register(name, PW)
+        c.register(name, PASSWORD)
             .unwrap_or_else(|e| panic!("{name:?} should be accepted: {e}"));
     }
     for name in &valid {
@@ -264,7 +258,7 @@ fn invalid_passwords_are_refused_and_edges_accepted() {
     );
     // None of the refused names was created.
     for i in 0..invalid.len() {
-        c.register(&format!("bad{i}"), PW).unwrap();
+        c.register(&format!("bad{i}"), PASSWORD).unwrap();
     }
 }
 
@@ -276,11 +270,11 @@ fn invalid_passwords_are_refused_and_edges_accepted() {
 #[test]
 fn hb_7_4_wrong_password_and_unknown_user_answer_alike() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let mut c = server.connect();
     let wrong = error_of(c.login("alice", "not-the-password", "d", 0));
-    let unknown = error_of(c.login("nobody", PW, "d", 0));
-    let invalid_name = error_of(c.login("no such name!", PW, "d", 0));
+    let unknown = error_of(c.login("nobody", PASSWORD, "d", 0));
+    let invalid_name = error_of(c.login("no such name!", PASSWORD, "d", 0));
     assert_eq!(wrong.0, code::BAD_CREDENTIALS, "{wrong:?}");
     assert_eq!(
         unknown, wrong,
@@ -289,14 +283,14 @@ fn hb_7_4_wrong_password_and_unknown_user_answer_alike() {
     assert_eq!(invalid_name, wrong, "a name that cannot exist, likewise");
     // The connection is still open and not logged in; the right password then works.
     assert_eq!(code_of(c.list_tokens()), code::NOT_AUTHENTICATED);
-    let info = c.login("alice", PW, "d", 0).unwrap();
+    let info = c.login("alice", PASSWORD, "d", 0).unwrap();
     assert_eq!(info.username, "alice");
 }
 
 #[test]
 fn resume_on_a_new_connection_gives_the_same_user_and_token() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let (mut first, info) = login_as(&server, "alice", "laptop");
     first.ping().unwrap();
     drop(first);
@@ -334,7 +328,7 @@ fn resume_on_a_new_connection_gives_the_same_user_and_token() {
 #[test]
 fn hb_7_12_logout_revokes_the_token_and_keeps_the_connection() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let (mut c, info) = login_as(&server, "alice", "laptop");
     c.logout().unwrap();
     // Still connected, but logged out.
@@ -349,7 +343,7 @@ fn hb_7_12_logout_revokes_the_token_and_keeps_the_connection() {
     );
     assert_eq!(code_of(c.resume(info.token, "laptop", 0)), code::BAD_TOKEN);
     // The same connection can log in again, with a new token.
-    let again = c.login("alice", PW, "laptop", 0).unwrap();
+    let again = c.login("alice", PASSWORD, "laptop", 0).unwrap();
     assert_ne!(again.token, info.token);
     let list = c.list_tokens().unwrap();
     assert_eq!(
@@ -363,7 +357,7 @@ fn hb_7_12_logout_revokes_the_token_and_keeps_the_connection() {
 fn expired_token_is_bad_token() {
     let ttl = Duration::from_secs(2);
     let server = start_with(|c| c.token_ttl = ttl);
-    register(&server, "alice");
+    server.register("alice");
     let (_c, info) = login_as(&server, "alice", "laptop");
     let issued_by = Instant::now();
     // Well inside its lifetime the token resumes ...
@@ -388,7 +382,7 @@ fn expired_token_is_bad_token() {
 fn hb_7_14_token_lifetime_is_the_configured_ttl_to_the_millisecond() {
     let ttl = Duration::from_millis(1500);
     let server = start_with(|c| c.token_ttl = ttl);
-    register(&server, "alice");
+    server.register("alice");
     let (mut c, _) = login_as(&server, "alice", "laptop");
     let list = c.list_tokens().unwrap();
     let t = current_of(&list);
@@ -400,7 +394,7 @@ fn hb_7_14_token_lifetime_is_the_configured_ttl_to_the_millisecond() {
 
     // Sub-second: the token must at least be usable right away.
     let short = start_with(|c| c.token_ttl = Duration::from_millis(900));
-    register(&short, "bob");
+    short.register("bob");
     let (_b, info) = login_as(&short, "bob", "laptop");
     let mut again = short.connect();
     again.resume(info.token, "laptop", 0).unwrap();
@@ -413,8 +407,8 @@ fn hb_7_14_token_lifetime_is_the_configured_ttl_to_the_millisecond() {
 #[test]
 fn list_tokens_shows_each_device_with_current_for_the_asker() {
     let server = start();
-    register(&server, "alice");
-    register(&server, "bob");
+    server.register("alice");
+    server.register("bob");
     let (mut laptop, _) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
     let (mut bob, _) = login_as(&server, "bob", "desk");
@@ -462,7 +456,7 @@ fn list_tokens_shows_each_device_with_current_for_the_asker() {
 #[test]
 fn hb_7_9_revoking_another_devices_token_closes_its_session() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let (mut laptop, laptop_info) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
     let list = phone.list_tokens().unwrap();
@@ -501,8 +495,8 @@ fn hb_7_9_revoking_another_devices_token_closes_its_session() {
 #[test]
 fn revoke_of_an_unknown_or_foreign_token_is_not_found() {
     let server = start();
-    register(&server, "alice");
-    register(&server, "bob");
+    server.register("alice");
+    server.register("bob");
     let (mut alice, _) = login_as(&server, "alice", "laptop");
     let (mut bob, _) = login_as(&server, "bob", "desk");
     assert_eq!(code_of(alice.revoke_token(999_999)), code::NOT_FOUND);
@@ -518,7 +512,7 @@ fn revoke_of_an_unknown_or_foreign_token_is_not_found() {
 #[test]
 fn revoking_ones_own_token_logs_out_and_keeps_the_connection() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let (mut c, info) = login_as(&server, "alice", "laptop");
     let own = current_of(&c.list_tokens().unwrap()).token_id;
     c.revoke_token(own).unwrap();
@@ -536,7 +530,7 @@ fn revoking_ones_own_token_logs_out_and_keeps_the_connection() {
 #[test]
 fn hb_7_9_revoked_session_closes_even_if_the_revoker_disconnects_at_once() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let (mut laptop, laptop_info) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
     let laptop_id = phone
@@ -576,7 +570,7 @@ fn hb_7_9_revoked_session_closes_even_if_the_revoker_disconnects_at_once() {
 #[test]
 fn pipelined_revoke_then_logout_answers_both_and_closes_the_revoked_session() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let (mut laptop, _) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
     let laptop_id = phone
@@ -620,8 +614,8 @@ fn hb_7_7_failed_logins_lock_out_then_the_lockout_passes() {
         c.login_lockout = lockout;
         c.login_window = Duration::from_secs(60);
     });
-    register(&server, "alice");
-    register(&server, "bob");
+    server.register("alice");
+    server.register("bob");
     let mut c = server.connect();
     for i in 0..3 {
         assert_eq!(
@@ -633,7 +627,7 @@ fn hb_7_7_failed_logins_lock_out_then_the_lockout_passes() {
     }
     let locked_at = Instant::now();
     // The right password is refused while locked out, on this and on a new connection.
-    let (code, text) = error_of(c.login("alice", PW, "d", 0));
+    let (code, text) = error_of(c.login("alice", PASSWORD, "d", 0));
     assert_eq!(code, code::RATE_LIMITED, "{text}");
     let wait = retry_ms(&text);
     assert!(
@@ -642,12 +636,15 @@ fn hb_7_7_failed_logins_lock_out_then_the_lockout_passes() {
     );
     let mut other = server.connect();
     assert_eq!(
-        code_of(other.login("ALICE", PW, "d", 0)),
+        code_of(other.login("ALICE", PASSWORD, "d", 0)),
         code::RATE_LIMITED,
         "the name is locked whatever its case"
     );
     // The failures all came from one address (loopback): it is locked out too.
-    assert_eq!(code_of(other.login("bob", PW, "d", 0)), code::RATE_LIMITED);
+    assert_eq!(
+        code_of(other.login("bob", PASSWORD, "d", 0)),
+        code::RATE_LIMITED
+    );
     // The connection itself is fine.
     c.ping().unwrap();
 
@@ -656,9 +653,9 @@ fn hb_7_7_failed_logins_lock_out_then_the_lockout_passes() {
         (locked_at + lockout + Duration::from_millis(300))
             .saturating_duration_since(Instant::now()),
     );
-    let info = c.login("alice", PW, "d", 0).unwrap();
+    let info = c.login("alice", PASSWORD, "d", 0).unwrap();
     assert_eq!(info.username, "alice");
-    other.login("bob", PW, "d", 0).unwrap();
+    other.login("bob", PASSWORD, "d", 0).unwrap();
 }
 
 /// [HB-7.7] a failure after a lockout locks out again for twice as long.
@@ -670,7 +667,7 @@ fn hb_7_7_lockout_doubles_on_further_failures() {
         c.login_lockout = lockout;
         c.login_lockout_max = Duration::from_secs(60);
     });
-    register(&server, "alice");
+    server.register("alice");
     let mut c = server.connect();
     for _ in 0..2 {
         assert_eq!(
@@ -679,7 +676,10 @@ fn hb_7_7_lockout_doubles_on_further_failures() {
         );
     }
     let locked_at = Instant::now();
-    assert_eq!(code_of(c.login("alice", PW, "d", 0)), code::RATE_LIMITED);
+    assert_eq!(
+        code_of(c.login("alice", PASSWORD, "d", 0)),
+        code::RATE_LIMITED
+    );
     thread::sleep(
         (locked_at + lockout + Duration::from_millis(300))
             .saturating_duration_since(Instant::now()),
@@ -689,7 +689,7 @@ fn hb_7_7_lockout_doubles_on_further_failures() {
         code_of(c.login("alice", "wrong-password", "d", 0)),
         code::BAD_CREDENTIALS
     );
-    let (code, text) = error_of(c.login("alice", PW, "d", 0));
+    let (code, text) = error_of(c.login("alice", PASSWORD, "d", 0));
     assert_eq!(code, code::RATE_LIMITED, "{text}");
     let wait = retry_ms(&text);
     assert!(
@@ -697,7 +697,7 @@ fn hb_7_7_lockout_doubles_on_further_failures() {
         "the second lockout is twice the first: retry in {wait} ms"
     );
     thread::sleep(Duration::from_millis(wait + 300));
-    c.login("alice", PW, "d", 0).unwrap();
+    c.login("alice", PASSWORD, "d", 0).unwrap();
 }
 
 /// [HB-7.7] a failed Resume (BAD_TOKEN) counts for the address: enough of them lock out Resume and Login from
@@ -709,7 +709,7 @@ fn hb_7_7_failed_resumes_lock_out_the_address() {
         c.login_max_failures = 3;
         c.login_lockout = lockout;
     });
-    register(&server, "alice");
+    server.register("alice");
     let (_keep, info) = login_as(&server, "alice", "laptop");
     let mut c = server.connect();
     for i in 0..3u8 {
@@ -724,7 +724,10 @@ fn hb_7_7_failed_resumes_lock_out_the_address() {
     let (code, text) = error_of(c.resume(info.token, "laptop", 0));
     assert_eq!(code, code::RATE_LIMITED, "{text}");
     assert!(retry_ms(&text) <= lockout.as_millis() as u64, "{text}");
-    assert_eq!(code_of(c.login("alice", PW, "d", 0)), code::RATE_LIMITED);
+    assert_eq!(
+        code_of(c.login("alice", PASSWORD, "d", 0)),
+        code::RATE_LIMITED
+    );
 
     thread::sleep(
         (locked_at + lockout + Duration::from_millis(300))
@@ -744,7 +747,7 @@ fn hb_7_7_failed_resumes_lock_out_the_address() {
 fn hb_7_10_auth_timeout_closes_only_connections_that_are_not_logged_in() {
     let auth_timeout = Duration::from_millis(500);
     let server = start_with(|c| c.auth_timeout = auth_timeout);
-    register(&server, "alice");
+    server.register("alice");
 
     let started = Instant::now();
     let mut silent = server.connect();
@@ -792,20 +795,20 @@ fn hb_7_10_auth_timeout_closes_only_connections_that_are_not_logged_in() {
 #[test]
 fn hb_7_13_already_authenticated_and_not_authenticated() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let mut c = server.connect();
     assert_eq!(code_of(c.list_tokens()), code::NOT_AUTHENTICATED);
     assert_eq!(code_of(c.logout()), code::NOT_AUTHENTICATED);
     assert_eq!(code_of(c.revoke_token(1)), code::NOT_AUTHENTICATED);
     c.ping().unwrap();
 
-    let info = c.login("alice", PW, "laptop", 0).unwrap();
+    let info = c.login("alice", PASSWORD, "laptop", 0).unwrap();
     assert_eq!(
-        code_of(c.login("alice", PW, "laptop", 0)),
+        code_of(c.login("alice", PASSWORD, "laptop", 0)),
         code::ALREADY_AUTHENTICATED
     );
     assert_eq!(
-        code_of(c.register("carol", PW)),
+        code_of(c.register("carol", PASSWORD)),
         code::ALREADY_AUTHENTICATED
     );
     assert_eq!(
@@ -817,19 +820,19 @@ fn hb_7_13_already_authenticated_and_not_authenticated() {
     assert_eq!(list.len(), 1, "{list:?}");
     // "carol" was not registered by the refused request.
     let mut other = server.connect();
-    other.register("carol", PW).unwrap();
+    other.register("carol", PASSWORD).unwrap();
 }
 
 /// [HB-7.3] frames sent right behind a Login are processed after it, in order.
 #[test]
 fn hb_7_3_frames_pipelined_behind_a_login_run_after_it_in_order() {
     let server = start();
-    register(&server, "alice");
+    server.register("alice");
     let mut c = server.connect();
     // Ping needs no worker, so it is answered the moment it is processed: after LoginOk only if it waited for
     // the login. ListTokens needs the store and succeeds only if it runs once the login is done.
     c.send_raw(&frames(&[
-        (1001, login_request("alice", PW, "laptop")),
+        (1001, login_request("alice", PASSWORD, "laptop")),
         (1002, Request::Ping),
         (1003, Request::ListTokens),
     ]))
@@ -857,10 +860,10 @@ fn hb_7_3_frames_pipelined_behind_a_login_run_after_it_in_order() {
             2001,
             Request::Register {
                 username: "bob".into(),
-                password: PW.into(),
+                password: PASSWORD.into(),
             },
         ),
-        (2002, login_request("bob", PW, "desk")),
+        (2002, login_request("bob", PASSWORD, "desk")),
         (2003, Request::ListTokens),
         (2004, Request::Logout),
         (2005, login_request("bob", "wrong-password", "desk")),
@@ -893,8 +896,8 @@ fn hb_7_3_frames_pipelined_behind_a_login_run_after_it_in_order() {
 #[test]
 fn hb_7_5_two_devices_at_once_both_stay_usable() {
     let server = start();
-    register(&server, "alice");
-    register(&server, "bob");
+    server.register("alice");
+    server.register("bob");
     let (mut laptop, a1) = login_as(&server, "alice", "laptop");
     let (mut phone, a2) = login_as(&server, "alice", "phone");
     assert_eq!(a1.user_id, a2.user_id);
@@ -925,8 +928,8 @@ fn hb_7_5_two_devices_at_once_both_stay_usable() {
 #[test]
 fn hb_7_6_a_login_past_the_limit_replaces_the_oldest_session() {
     let server = start_with(|c| c.max_sessions_per_user = 2);
-    register(&server, "alice");
-    register(&server, "bob");
+    server.register("alice");
+    server.register("bob");
     let (mut first, _) = login_as(&server, "alice", "one");
     let (mut second, _) = login_as(&server, "alice", "two");
     let (mut bob, _) = login_as(&server, "bob", "desk");
@@ -978,7 +981,7 @@ fn hb_7_8_full_hash_queue_answers_server_busy() {
         .map(|(i, c)| {
             c.send_request(&Request::Register {
                 username: format!("busy{i}"),
-                password: PW.into(),
+                password: PASSWORD.into(),
             })
             .unwrap()
         })
@@ -1013,7 +1016,7 @@ fn hb_7_8_full_hash_queue_answers_server_busy() {
     let id = c
         .send_request(&Request::Register {
             username: format!("busy{refused}"),
-            password: PW.into(),
+            password: PASSWORD.into(),
         })
         .unwrap();
     assert_eq!(
@@ -1043,7 +1046,7 @@ fn login_storm_of_200_while_another_client_pings() {
             thread::spawn(move || {
                 let mut c = server.connect();
                 for u in (t..USERS).step_by(8) {
-                    c.register(&format!("storm{u}"), PW).unwrap();
+                    c.register(&format!("storm{u}"), PASSWORD).unwrap();
                 }
             })
         })
@@ -1051,7 +1054,7 @@ fn login_storm_of_200_while_another_client_pings() {
     for r in registrars {
         r.join().unwrap();
     }
-    register(&server, "pinger");
+    server.register("pinger");
 
     let stop = Arc::new(AtomicBool::new(false));
     let pinger = {
@@ -1083,7 +1086,9 @@ fn login_storm_of_200_while_another_client_pings() {
                 for k in 0..PER_THREAD {
                     let name = format!("storm{}", t * PER_THREAD + k);
                     let mut c = server.connect();
-                    let id = c.send_request(&login_request(&name, PW, "storm")).unwrap();
+                    let id = c
+                        .send_request(&login_request(&name, PASSWORD, "storm"))
+                        .unwrap();
                     sessions.push((name, c, id));
                 }
                 let mut logged_in = 0;
@@ -1137,7 +1142,7 @@ fn login_storm_of_200_while_another_client_pings() {
 fn unwritable_database_answers_server_error_and_recovers() {
     // The test connection stays logged out through a 5 s busy timeout: keep it clear of the auth timeout.
     let server = start_with(|c| c.auth_timeout = Duration::from_secs(300));
-    register(&server, "alice");
+    server.register("alice");
     let mut c = server.connect();
     c.ping().unwrap();
 
@@ -1148,7 +1153,7 @@ fn unwritable_database_answers_server_error_and_recovers() {
     let id = c
         .send_request(&Request::Register {
             username: "bob".into(),
-            password: PW.into(),
+            password: PASSWORD.into(),
         })
         .unwrap();
     // The store waits out its busy timeout (5 s) first: wait well beyond the client's default.
@@ -1167,8 +1172,8 @@ fn unwritable_database_answers_server_error_and_recovers() {
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);
 
-    c.register("bob", PW).unwrap();
-    let info = c.login("bob", PW, "desk", 0).unwrap();
+    c.register("bob", PASSWORD).unwrap();
+    let info = c.login("bob", PASSWORD, "desk", 0).unwrap();
     assert_eq!(info.username, "bob");
     let (_a, alice) = login_as(&server, "alice", "laptop");
     assert_ne!(alice.user_id, info.user_id);

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::TestServer;
+use common::{TestServer, PASSWORD};
 use hubbub::client::Client;
 use hubbub::protocol::Packet;
 use std::io::{BufRead, BufReader, Write};
@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 /// Longest any single wait may take.
 const WAIT: Duration = Duration::from_secs(10);
-/// The password `TestServer::user` registers with; the CLI uses it too.
-const PASSWORD: &str = "password123";
 
 /// The example binary, next to the package's binaries. `cargo test` builds examples, but a run of this target
 /// alone (`cargo test --test cli`) does not, and would find a missing or stale one: so it is (re)built here once,

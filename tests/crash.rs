@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::process::ServerProcess;
-use hubbub::client::{Client, ClientError};
+use common::process::{integrity_check, ServerProcess};
+use hubbub::client::ClientError;
 use hubbub::protocol::{Message, Packet, Request};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const PASSWORD: &str = "password123";
 const WAIT: Duration = Duration::from_secs(10);
 const SENDERS: usize = 4;
 const RECIPIENTS: usize = 3;
@@ -30,24 +29,6 @@ fn start_server(db: &Path) -> ServerProcess {
     ServerProcess::launch(db)
         .args(["--send-rate", "1000000", "--send-burst", "1000000"])
         .start()
-}
-
-/// Client sessions on the server under test.
-trait Sessions {
-    fn connect(&self) -> Client;
-    fn login(&self, name: &str, device: &str) -> Client;
-}
-
-impl Sessions for ServerProcess {
-    fn connect(&self) -> Client {
-        Client::connect(self.addr).unwrap()
-    }
-
-    fn login(&self, name: &str, device: &str) -> Client {
-        let mut c = self.connect();
-        c.login(name, PASSWORD, device, 0).unwrap();
-        c
-    }
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -73,14 +54,11 @@ struct Sent {
     acked: Option<u64>,
 }
 
+/// Registers every sender, then every recipient.
 fn register_all(server: &ServerProcess) {
-    let mut c = server.connect();
-    for i in 0..SENDERS {
-        c.register(&sender_name(i), PASSWORD).unwrap();
-    }
-    for i in 0..RECIPIENTS {
-        c.register(&recipient_name(i), PASSWORD).unwrap();
-    }
+    let senders = (0..SENDERS).map(sender_name);
+    let recipients = (0..RECIPIENTS).map(recipient_name);
+    server.register_all(&senders.chain(recipients).collect::<Vec<_>>());
 }
 
 /// Starts the sender threads: each sends pipelined bursts (client ids from `first_cid` on) until `stop` is set
@@ -93,7 +71,7 @@ fn start_senders(
 ) -> Vec<JoinHandle<Vec<Sent>>> {
     (0..SENDERS)
         .map(|i| {
-            let mut client = server.login(&sender_name(i), "load");
+            let (mut client, _) = server.login(&sender_name(i), "load", 0);
             let stop = Arc::clone(stop);
             let acked = Arc::clone(acked);
             std::thread::spawn(move || {
@@ -171,7 +149,7 @@ fn read_all(server: &ServerProcess) -> Vec<Message> {
     let mut all = Vec::new();
     for i in 0..RECIPIENTS {
         let name = recipient_name(i);
-        let mut c = server.login(&name, "after-restart");
+        let (mut c, _) = server.login(&name, "after-restart", 0);
         loop {
             match c.next_push(WAIT) {
                 Ok(Packet::Deliver(m)) => {
@@ -231,22 +209,6 @@ fn check_delivered(sent: &[Sent], delivered: &[Message]) -> HashMap<String, u64>
     by_text
 }
 
-fn integrity_check(db: &Path) {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let result: String = conn
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(result, "ok", "PRAGMA integrity_check");
-    let dupes: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM (SELECT 1 FROM messages GROUP BY sender_id, client_msg_id HAVING count(*) > 1)",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap();
-    assert_eq!(dupes, 0, "no (sender, client_msg_id) stored twice");
-}
-
 // -------------------------------------------------------------------------------------------------------------
 // Tests
 // -------------------------------------------------------------------------------------------------------------
@@ -295,7 +257,7 @@ fn hb_5_1_kill_9_mid_load_loses_no_acknowledged_message() {
     for i in 0..SENDERS {
         let me = sender_name(i);
         let mine: Vec<&Sent> = sent.iter().filter(|s| s.sender == me).collect();
-        let mut c = server.login(&me, "resend");
+        let (mut c, _) = server.login(&me, "resend", 0);
         for s in mine.iter().filter(|s| s.acked.is_some()).rev().take(3) {
             let (id, _) = c
                 .send_message(&s.recipient, s.client_msg_id, &s.text)

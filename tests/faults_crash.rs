@@ -19,8 +19,10 @@
 
 mod common;
 
-use common::process::ServerProcess;
-use hubbub::client::{Client, ClientError, LoginInfo};
+use common::process::{integrity_check, ServerProcess};
+use common::rng::Rng;
+use common::PASSWORD;
+use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{Packet, Request};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -30,7 +32,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const PASSWORD: &str = "password123";
 /// How long any one reply or push may take, even on a slow, busy machine.
 const WAIT: Duration = Duration::from_secs(20);
 /// A client that claims to have seen everything: the server caps it at the user's newest id, so no catch-up.
@@ -52,48 +53,27 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 // Seeded randomness
 // -------------------------------------------------------------------------------------------------------------
 
-/// xorshift64*: small, fast, and good enough to pick instants and sizes.
-struct Rng(u64);
-
-impl Rng {
-    /// Seeded from `HUBBUB_FAULT_SEED`, else from the clock; the seed is printed so a failure can be replayed.
-    fn for_test(test: &str) -> Rng {
-        let seed = std::env::var("HUBBUB_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| {
-                let nanos = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64;
-                nanos ^ (u64::from(std::process::id()) << 32)
-            });
-        let seed = if seed == 0 {
-            0x9e37_79b9_7f4a_7c15
-        } else {
-            seed
-        };
-        eprintln!("{test}: seed {seed} (replay with HUBBUB_FAULT_SEED={seed})");
-        Rng(seed)
-    }
-
-    fn from_seed(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// A number in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
+/// The generator (xorshift64*, tests/common/rng.rs) of one test, seeded from `HUBBUB_FAULT_SEED`, else from the
+/// clock; the seed is printed so a failure can be replayed. The seed is the generator's state as it is (0, which
+/// xorshift never leaves, becomes the golden-ratio constant).
+fn rng_for_test(test: &str) -> Rng {
+    let seed = std::env::var("HUBBUB_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64;
+            nanos ^ (u64::from(std::process::id()) << 32)
+        });
+    let seed = if seed == 0 {
+        0x9e37_79b9_7f4a_7c15
+    } else {
+        seed
+    };
+    eprintln!("{test}: seed {seed} (replay with HUBBUB_FAULT_SEED={seed})");
+    Rng::from_state(seed)
 }
 
 // -------------------------------------------------------------------------------------------------------------
@@ -106,42 +86,6 @@ fn start_server(db: &Path) -> ServerProcess {
         .args(["--send-rate", "1000000", "--send-burst", "1000000"])
         .keep_lines(300)
         .start()
-}
-
-/// Client sessions on the server under test.
-trait Sessions {
-    fn connect(&self) -> Client;
-    fn login(&self, name: &str, device: &str, last_seen: u64) -> (Client, LoginInfo);
-}
-
-impl Sessions for ServerProcess {
-    fn connect(&self) -> Client {
-        Client::connect(self.addr).unwrap_or_else(|e| panic!("connect to {}: {e}", self.addr))
-    }
-
-    fn login(&self, name: &str, device: &str, last_seen: u64) -> (Client, LoginInfo) {
-        let mut c = self.connect();
-        let info = c
-            .login(name, PASSWORD, device, last_seen)
-            .unwrap_or_else(|e| panic!("{name} logs in on {device}: {e}"));
-        (c, info)
-    }
-}
-
-fn integrity_check(db: &Path) {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let result: String = conn
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(result, "ok", "PRAGMA integrity_check of {}", db.display());
-    let dupes: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM (SELECT 1 FROM messages GROUP BY sender_id, client_msg_id HAVING count(*) > 1)",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap();
-    assert_eq!(dupes, 0, "a (sender, client_msg_id) is stored twice");
 }
 
 /// What the database holds for one sender, read with SQLite directly while no server runs: client id → (message
@@ -518,14 +462,6 @@ fn padding(rng: &mut Rng, max: u64) -> String {
     "x".repeat(rng.between(0, max) as usize)
 }
 
-fn register(server: &ServerProcess, names: &[String]) {
-    let mut c = server.connect();
-    for name in names {
-        c.register(name, PASSWORD)
-            .unwrap_or_else(|e| panic!("register {name}: {e}"));
-    }
-}
-
 /// `host` creates `room`; every one of `members` joins it.
 fn make_room(server: &ServerProcess, room: &str, host: &str, members: &[String]) {
     let (mut c, _) = server.login(host, "setup", NO_CATCH_UP);
@@ -580,7 +516,8 @@ fn s1_sender_thread(mut c: Client, run: SenderRun) -> (Vec<Sent>, PumpEnd) {
         acked,
     } = run;
     let me = s1_sender(i);
-    let mut rng = Rng::from_seed(seed);
+    // Made odd: never 0, which xorshift never leaves.
+    let mut rng = Rng::from_state(seed | 1);
     let mut resend: Vec<usize> = (0..mine.len())
         .filter(|&k| mine[k].acked.is_none())
         .rev()
@@ -613,7 +550,7 @@ fn s1_sender_thread(mut c: Client, run: SenderRun) -> (Vec<Sent>, PumpEnd) {
 fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
     let _serial = one_at_a_time();
     let started = Instant::now();
-    let mut rng = Rng::for_test("kill_9_repeatedly");
+    let mut rng = rng_for_test("kill_9_repeatedly");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
     let sender_names: Vec<String> = (0..senders).map(s1_sender).collect();
@@ -627,7 +564,7 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
     for cycle in 0..cycles {
         let mut server = start_server(&db);
         if cycle == 0 {
-            register(&server, &everyone);
+            server.register_all(&everyone);
             make_room(&server, S1_ROOM, &phone_owner, &everyone);
         }
         let phone_last = phone_got.last().map_or(0, |g| g.id);
@@ -767,11 +704,11 @@ fn connect_small_window(addr: SocketAddr) -> Client {
 fn kill_during_backlog(backlog: usize) {
     let _serial = one_at_a_time();
     let started = Instant::now();
-    let mut rng = Rng::for_test("kill_during_backlog");
+    let mut rng = rng_for_test("kill_during_backlog");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
     let mut server = start_server(&db);
-    register(&server, &["feeder".into(), "reader".into()]);
+    server.register_all(&["feeder", "reader"]);
 
     // The backlog: `backlog` messages of about 1 KB, all acknowledged, while the reader is offline.
     let (mut c, _) = server.login("feeder", "load", NO_CATCH_UP);
@@ -902,11 +839,11 @@ fn kill_9_while_feeding_a_large_backlog_long() {
 fn kill_during_resend(n: usize) {
     let _serial = one_at_a_time();
     let started = Instant::now();
-    let mut rng = Rng::for_test("kill_during_resend");
+    let mut rng = rng_for_test("kill_during_resend");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
     let mut server = start_server(&db);
-    register(&server, &["writer".into(), "target".into()]);
+    server.register_all(&["writer", "target"]);
     make_room(&server, "den", "target", &["writer".into()]);
 
     let mut sends: Vec<Sent> = (0..n)
@@ -1085,7 +1022,7 @@ fn kill_9_while_resending_after_lost_acks_long() {
 fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let _serial = one_at_a_time();
     let started = Instant::now();
-    let mut rng = Rng::for_test("sigterm_under_load");
+    let mut rng = rng_for_test("sigterm_under_load");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hubbub.db");
     let mut server = start_server(&db);
@@ -1094,8 +1031,8 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let sender_names: Vec<String> = (0..SENDERS).map(s1_sender).collect();
     let reader_names: Vec<String> = (0..READERS).map(s1_recipient).collect();
     let everyone: Vec<String> = sender_names.iter().chain(&reader_names).cloned().collect();
-    register(&server, &everyone);
-    register(&server, &["catcher".into()]);
+    server.register_all(&everyone);
+    server.register_all(&["catcher"]);
     make_room(&server, S1_ROOM, &reader_names[0], &everyone);
     // A backlog for a user who will be in the middle of catching up when the signal comes.
     let (mut c, _) = server.login(&sender_names[0], "backlog", NO_CATCH_UP);
@@ -1480,7 +1417,7 @@ fn disk_full(method: Option<&str>) {
     };
     let db = mnt.join("hubbub.db");
     let mut server = start_server(&db);
-    register(&server, &["filler".into(), "sink".into()]);
+    server.register_all(&["filler", "sink"]);
     make_room(&server, "vault", "sink", &["filler".into()]);
     let (sink, _) = server.login("sink", "live", NO_CATCH_UP);
     let sink_stop = Arc::new(AtomicBool::new(false));
@@ -1639,7 +1576,7 @@ fn kill_9_while_full(method: Option<&str>) {
     };
     let db = mnt.join("hubbub.db");
     let mut server = start_server(&db);
-    register(&server, &["filler".into(), "sink".into()]);
+    server.register_all(&["filler", "sink"]);
     make_room(&server, "vault", "sink", &["filler".into()]);
     let (mut c, _) = server.login("filler", "load", NO_CATCH_UP);
     let method_name = limit.squeeze(&server, &db, 1024 * 1024);
@@ -1752,7 +1689,7 @@ fn catch_up_while_full(method: Option<&str>) {
     };
     let db = mnt.join("hubbub.db");
     let mut server = start_server(&db);
-    register(&server, &["filler".into(), "sink".into(), "reader".into()]);
+    server.register_all(&["filler", "sink", "reader"]);
     make_room(&server, "vault", "sink", &["filler".into()]);
 
     // The reader's backlog, all acknowledged.

@@ -19,6 +19,7 @@
 mod common;
 
 use common::process::{raise_nofile, rss_of, ServerProcess};
+use common::PASSWORD;
 use hubbub::client::{Client, ClientError};
 use hubbub::framing::{put_header, split_frame, HEADER_LEN};
 use hubbub::protocol::{code, is_packet_kind, is_request_kind, kind, Message, Packet, Request};
@@ -32,7 +33,6 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
-const PASSWORD: &str = "password123";
 /// The longest any single read or reply may take before a check fails.
 const WAIT: Duration = Duration::from_secs(10);
 /// The bound on one round trip of the well-behaved pair (Send → Ack → Deliver).
@@ -68,32 +68,6 @@ fn start_server(dir: &Path, extra: &[&str]) -> ServerProcess {
         .start()
 }
 
-/// Client sessions on the server under test.
-trait Sessions {
-    fn client(&self) -> Client;
-    fn login(&self, name: &str) -> Client;
-    fn login_with(&self, name: &str, password: &str) -> Client;
-}
-
-impl Sessions for ServerProcess {
-    fn client(&self) -> Client {
-        Client::connect(self.addr).expect("connect a client")
-    }
-
-    fn login(&self, name: &str) -> Client {
-        self.login_with(name, PASSWORD)
-    }
-
-    /// A logged-in session, past its catch-up.
-    fn login_with(&self, name: &str, password: &str) -> Client {
-        let mut c = self.client();
-        c.login(name, password, "test", 0)
-            .unwrap_or_else(|e| panic!("login {name}: {e}"));
-        drain_until_caught_up(&mut c);
-        c
-    }
-}
-
 fn fresh_dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("a temporary directory")
 }
@@ -113,12 +87,18 @@ fn drain_until_caught_up(c: &mut Client) -> Vec<Packet> {
     }
 }
 
-fn register_all(server: &ServerProcess, names: &[&str]) {
-    let mut c = server.client();
-    for name in names {
-        c.register(name, PASSWORD)
-            .unwrap_or_else(|e| panic!("register {name}: {e}"));
-    }
+/// A session of `name` (registered with PASSWORD) on device "test", past its catch-up.
+fn online(server: &ServerProcess, name: &str) -> Client {
+    online_with(server, name, PASSWORD)
+}
+
+/// A session of `name` logged in with `password` on device "test", past its catch-up.
+fn online_with(server: &ServerProcess, name: &str, password: &str) -> Client {
+    let mut c = server.connect();
+    c.login(name, password, "test", 0)
+        .unwrap_or_else(|e| panic!("login {name}: {e}"));
+    drain_until_caught_up(&mut c);
+    c
 }
 
 fn stats(c: &mut Client) -> HashMap<String, u64> {
@@ -408,8 +388,8 @@ struct Pair {
 impl Pair {
     /// `a` and `b` must be registered with PASSWORD.
     fn start(server: &ServerProcess, a: &str, b: &str, interval: Duration) -> Pair {
-        let mut ca = server.login(a);
-        let mut cb = server.login(b);
+        let mut ca = online(server, a);
+        let mut cb = online(server, b);
         let (a, b) = (a.to_owned(), b.to_owned());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -696,7 +676,10 @@ fn bad_utf8_frame(rng: &mut Rng, rid: u32) -> Vec<u8> {
         0 => {
             // Exactly one of the two strings is bad.
             put_wire_str(&mut body, if which == 0 { bad } else { ok });
-            put_wire_str(&mut body, if which == 0 { b"password123" } else { bad });
+            put_wire_str(
+                &mut body,
+                if which == 0 { PASSWORD.as_bytes() } else { bad },
+            );
             kind::REGISTER
         }
         1 => {
@@ -1180,8 +1163,8 @@ fn hostile_bytes(rounds: usize, inputs: usize, workers: usize, linger_per_worker
             "100000",
         ],
     );
-    register_all(&server, &["alice", "bob", "watcher"]);
-    let mut watcher = server.login("watcher");
+    server.register_all(&["alice", "bob", "watcher"]);
+    let mut watcher = online(&server, "watcher");
     let pair = Pair::start(&server, "alice", "bob", Duration::from_millis(5));
     sleep(Duration::from_millis(500));
     let baseline = server.rss_kib();
@@ -1306,8 +1289,8 @@ fn partial_frame_memory_is_given_back() {
     raise_nofile();
     let dir = fresh_dir();
     let mut server = start_server(dir.path(), &["--max-per-ip", "100000"]);
-    register_all(&server, &["watcher"]);
-    let mut watcher = server.login("watcher");
+    server.register_all(&["watcher"]);
+    let mut watcher = online(&server, "watcher");
     sleep(Duration::from_millis(300));
     let baseline = server.rss_kib();
     let n = 600;
@@ -1813,11 +1796,8 @@ fn floods_are_rate_limited_and_parked() {
         ],
     );
     let hard_limit = 2 * high_water + 50 * (8192 + 128);
-    register_all(
-        &server,
-        &["alice", "bob", "flooder", "sink", "pinger", "watcher"],
-    );
-    let mut watcher = server.login("watcher");
+    server.register_all(&["alice", "bob", "flooder", "sink", "pinger", "watcher"]);
+    let mut watcher = online(&server, "watcher");
     let pair = Pair::start(&server, "alice", "bob", Duration::from_millis(100));
     let baseline = server.rss_kib();
 
@@ -2132,7 +2112,7 @@ fn per_address_limit_refuses_the_eleventh() {
     let _serial = serial();
     let dir = fresh_dir();
     let mut server = start_server(dir.path(), &["--max-per-ip", "10"]);
-    register_all(&server, &["other"]);
+    server.register_all(&["other"]);
     let one = Ipv4Addr::new(127, 0, 0, 1);
     let two = Ipv4Addr::new(127, 0, 0, 2);
     let too_many = code::TOO_MANY_FROM_ADDRESS;
@@ -2203,9 +2183,9 @@ fn slow_readers(readers: usize, messages: usize) {
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
     all.push("poster");
     all.push("watcher");
-    register_all(&server, &all);
-    let mut watcher = server.login("watcher");
-    let mut poster = server.login("poster");
+    server.register_all(&all);
+    let mut watcher = online(&server, "watcher");
+    let mut poster = online(&server, "poster");
     poster.create_room("busy", "slow readers").unwrap();
     let mut clients: Vec<Client> = names
         .iter()
@@ -2513,7 +2493,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
         ("...", "\x01\x02\x1b[0m ctrl pw"),
         ("---", "SELECT * FROM users; --"),
     ];
-    let mut reg = server.client();
+    let mut reg = server.connect();
     for (name, pw) in accounts {
         reg.register(name, pw)
             .unwrap_or_else(|e| panic!("register {name:?}: {e}"));
@@ -2561,7 +2541,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
 
     // Devices.
     let dev_a = "'; DROP TABLE tokens; --";
-    let mut a = server.client();
+    let mut a = server.connect();
     let info_a = a.login("A_B", accounts[0].1, dev_a, 0).expect("login a_b");
     assert_eq!(info_a.username, "a_b");
     drain_until_caught_up(&mut a);
@@ -2570,7 +2550,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
         tokens.iter().any(|t| t.device == dev_a && t.current),
         "device name altered: {tokens:?}"
     );
-    let mut d = server.client();
+    let mut d = server.connect();
     for bad_device in ["tab\there", "nul\0dev", &format!("{}a", "é".repeat(32))] {
         assert_eq!(
             code_of(d.login("a_b", accounts[0].1, bad_device, 0)),
@@ -2587,13 +2567,13 @@ fn injection_is_stored_byte_for_byte_or_refused() {
         .iter()
         .any(|t| t.device == long_device));
     drop(d);
-    let mut b = server.client();
+    let mut b = server.connect();
     let info_b = b
         .login("axb", accounts[1].1, "\" OR 1=1 😀 e\u{301}", 0)
         .expect("login axb");
     assert_ne!(info_a.user_id, info_b.user_id);
     drain_until_caught_up(&mut b);
-    let mut c = server.login_with("a.b", accounts[2].1);
+    let mut c = online_with(&server, "a.b", accounts[2].1);
 
     // Names that break the rules, as peers and rooms.
     let mut cid = 0u64;
@@ -2772,7 +2752,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
             "RoomHistory altered"
         );
     }
-    let mut b2 = server.client();
+    let mut b2 = server.connect();
     b2.login("axb", accounts[1].1, "catch-up", 0).unwrap();
     let mut caught = Vec::new();
     loop {
@@ -2791,7 +2771,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
 
     // Every account still logs in; then the database is intact after a graceful stop, and after a restart.
     for (name, pw) in accounts {
-        let mut x = server.client();
+        let mut x = server.connect();
         x.login(&name.to_uppercase(), pw, "final", 0)
             .unwrap_or_else(|e| panic!("final login {name:?}: {e}"));
     }
@@ -2828,7 +2808,7 @@ fn injection_is_stored_byte_for_byte_or_refused() {
         );
     }
     let mut server = start_server(dir.path(), &flags);
-    let mut a = server.login_with("a_b", accounts[0].1);
+    let mut a = online_with(&server, "a_b", accounts[0].1);
     let history = all_history(&mut a, "axb", false);
     assert_eq!(history.len(), direct.len());
     for (m, e) in history.iter().zip(&direct) {

@@ -23,6 +23,8 @@
 mod common;
 
 use common::process::{nofile_of, raise_nofile, send_signal, status_kib, ServerProcess};
+use common::rng::Rng;
+use common::PASSWORD;
 use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{code, Packet, Request, Token};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -34,7 +36,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const PASSWORD: &str = "password123";
 const WAIT: Duration = Duration::from_secs(10);
 /// Descriptors the server process gets (the machines' hard limit).
 const SERVER_NOFILE: u32 = 20_000;
@@ -580,27 +581,6 @@ fn soak_secs() -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .filter(|&s: &u64| s >= 4)
         .unwrap_or(20)
-}
-
-/// A small deterministic generator (xorshift64*); the soak needs variety, not quality.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.below(to - from))
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{code_of, start, start_in, start_with, TestServer};
+use common::process::rss_of;
+use common::{code_of, start, start_in, start_with, TestServer, PASSWORD};
 use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{code, Message, Packet, Request};
 use std::io::{ErrorKind, Read, Write};
@@ -11,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const PASSWORD: &str = "password123";
 const WAIT: Duration = Duration::from_secs(10);
 /// How long "nothing more arrives" is watched for.
 const QUIET: Duration = Duration::from_millis(300);
@@ -25,18 +25,6 @@ fn online(server: &TestServer, name: &str) -> Client {
     let mut c = server.user(name);
     let (messages, _) = catch_up(&mut c);
     assert!(messages.is_empty(), "a new user has no messages");
-    c
-}
-
-/// Registers a user without logging in (they stay offline).
-fn register(server: &TestServer, name: &str) {
-    server.connect().register(name, PASSWORD).unwrap();
-}
-
-/// Another session of an existing user, logged in with an explicit `last_seen`.
-fn login_at(server: &TestServer, name: &str, device: &str, last_seen: u64) -> Client {
-    let mut c = server.connect();
-    c.login(name, PASSWORD, device, last_seen).unwrap();
     c
 }
 
@@ -157,12 +145,6 @@ fn text_of(tag: &str, len: usize) -> String {
     t
 }
 
-fn vm_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn ids_of(messages: &[Message]) -> Vec<u64> {
     messages.iter().map(|m| m.id).collect()
 }
@@ -224,7 +206,7 @@ fn hb_5_1_ack_then_deliver_to_recipient() {
     drop((alice, bob));
     let dir = server.stop();
     let server = start_in(dir, config);
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     let (messages, cursor) = catch_up(&mut bob);
     assert_eq!(ids_of(&messages), vec![id]);
     assert_eq!(messages[0].text, "hello bob");
@@ -382,12 +364,12 @@ fn hb_5_3_catch_up_in_pages_with_own_messages_then_live() {
 fn hb_5_3_last_seen_and_the_delivered_cursor() {
     let server = start();
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     let m: Vec<u64> = (1..=3)
         .map(|i| alice.send_message("bob", i, &format!("m{i}")).unwrap().0)
         .collect();
 
-    let mut bob = login_at(&server, "bob", "phone", 0);
+    let mut bob = server.login("bob", "phone");
     let (got, cursor) = catch_up(&mut bob);
     assert_eq!(ids_of(&got), m);
     assert_eq!(cursor, m[2]);
@@ -413,7 +395,7 @@ fn hb_5_3_last_seen_and_the_delivered_cursor() {
     assert_eq!(cursor, m45[1]);
     drop(bob);
 
-    let mut bob = login_at(&server, "bob", "tablet", m[0]);
+    let mut bob = server.login_at("bob", "tablet", m[0]);
     let (got, _) = catch_up(&mut bob);
     assert_eq!(
         ids_of(&got),
@@ -422,13 +404,13 @@ fn hb_5_3_last_seen_and_the_delivered_cursor() {
     );
     drop(bob);
 
-    let mut bob = login_at(&server, "bob", "tablet", m45[1]);
+    let mut bob = server.login_at("bob", "tablet", m45[1]);
     let (got, cursor) = catch_up(&mut bob);
     assert!(got.is_empty());
     assert_eq!(cursor, m45[1]);
     drop(bob);
 
-    let mut bob = login_at(&server, "bob", "tablet", m45[1] + 1_000_000);
+    let mut bob = server.login_at("bob", "tablet", m45[1] + 1_000_000);
     let (got, cursor) = catch_up(&mut bob);
     assert!(got.is_empty());
     assert_eq!(
@@ -448,7 +430,7 @@ fn hb_5_3_last_seen_and_the_delivered_cursor() {
 fn hb_5_4_offline_recipient_gets_message_at_next_login() {
     let server = start();
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     let (id, ts) = alice.send_message("bob", 1, "while you were out").unwrap();
 
     let mut bob = server.login("bob", "phone");
@@ -474,7 +456,7 @@ fn hb_5_4_two_thousand_message_backlog_while_others_chat() {
     const N: u64 = 2_000;
     let server = start_with(fast_senders);
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     let carol = online(&server, "carol");
     let dave = online(&server, "dave");
 
@@ -512,7 +494,7 @@ fn hb_5_4_two_thousand_message_backlog_while_others_chat() {
     };
 
     let started = Instant::now();
-    let mut bob = login_at(&server, "bob", "phone", 0);
+    let mut bob = server.login("bob", "phone");
     let (messages, cursor) = catch_up(&mut bob);
     let took = started.elapsed();
     stop.store(true, Ordering::SeqCst);
@@ -668,21 +650,21 @@ fn hb_5_6_reader_that_never_reads_catches_up_from_the_store() {
     let mut bob = online(&server, "bob");
     // From here bob reads nothing until every Send is acked.
 
-    let rss_before = vm_rss_kib();
+    let rss_before = rss_of(std::process::id());
     let items: Vec<(u64, String)> = (1..=N)
         .map(|i| (i, text_of(&format!("s{i}"), TEXT)))
         .collect();
     let started = Instant::now();
     let sent = send_pipelined(&mut alice, "bob", &items, 64);
     let send_time = started.elapsed();
-    let rss_mid = vm_rss_kib();
+    let rss_mid = rss_of(std::process::id());
     assert_eq!(sent.len() as u64, N, "every Send acked");
     assert_strictly_increasing(&sent, "acks");
 
     let started = Instant::now();
     let (messages, cursor, catch_ups) = read_all_then_caught_up(&mut bob, N as usize);
     let read_time = started.elapsed();
-    let rss_after = vm_rss_kib();
+    let rss_after = rss_of(std::process::id());
     println!(
         "{N} x {TEXT} B ({} MiB) to a reader that did not read: sends {send_time:?}, catch-up {read_time:?}; \
          VmRSS KiB before {rss_before:?}, after sending {rss_mid:?}, after reading {rss_after:?}; \
@@ -841,7 +823,7 @@ fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
         assert_eq!(c, code::SLOW_CONSUMER);
     }
     // Nothing lost: a new session catches up from the store.
-    let mut bob = login_at(&server, "bob", "phone", 0);
+    let mut bob = server.login("bob", "phone");
     let (messages, _) = catch_up(&mut bob);
     assert_eq!(ids_of(&messages), sent);
 }
@@ -856,7 +838,7 @@ fn hb_5_6_slow_but_steady_reader_is_not_a_slow_consumer() {
         fast_senders(cfg);
     });
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     let items: Vec<(u64, String)> = (1..=400)
         .map(|i| (i, text_of(&format!("s{i}"), 8000)))
         .collect();
@@ -980,12 +962,12 @@ fn hb_5_6_a_page_larger_than_several_write_turns_arrives_whole() {
         fast_senders(cfg);
     });
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     let texts: Vec<(u64, String)> = (1..=200)
         .map(|i| (i, text_of(&format!("page{i}"), 8000)))
         .collect();
     send_pipelined(&mut alice, "bob", &texts, 50);
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     let (messages, _) = catch_up(&mut bob);
     assert_eq!(messages.len(), 200, "1.6 MB in one page, all of it");
     assert!(messages.iter().all(|m| m.text.len() == 8000));
@@ -1074,7 +1056,7 @@ fn hb_5_7_history_pages_cover_the_conversation() {
     let (page, more) = alice.history("bob", u64::MAX, 100).unwrap();
     assert_eq!((page.len(), more), (100, true));
     // A conversation with someone never written to is empty, not an error.
-    register(&server, "dave");
+    server.register("dave");
     let (page, more) = alice.history("dave", 0, 10).unwrap();
     assert!(page.is_empty() && !more);
 }
@@ -1087,7 +1069,7 @@ fn hb_5_7_history_pages_cover_the_conversation() {
 #[test]
 fn hb_5_8_not_authenticated() {
     let server = start();
-    register(&server, "bob");
+    server.register("bob");
     let mut c = server.connect();
     assert_eq!(
         code_of(c.send_message("bob", 1, "hi")),
@@ -1193,12 +1175,12 @@ fn hb_5_8_rate_limit() {
 #[test]
 fn hb_5_3_an_ack_moves_a_live_senders_cursor() {
     let server = start();
-    register(&server, "bob");
+    server.register("bob");
     let mut alice = online(&server, "alice");
     let (id, _) = alice.send_message("bob", 1, "mine").unwrap();
     alice.received(id).unwrap();
     drop(alice);
-    let mut again = login_at(&server, "alice", "test", 0);
+    let mut again = server.login("alice", "test");
     let (replayed, cursor) = catch_up(&mut again);
     assert!(replayed.is_empty(), "own message replayed: {replayed:?}");
     assert_eq!(cursor, id);

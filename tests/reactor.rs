@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{code_of, eventually, start, start_with};
+use common::{code_of, eventually, start, start_with, PASSWORD};
 use hubbub::client::{Client, ClientError};
 use hubbub::framing::{put_header, split_frame, Header, HEADER_LEN};
 use hubbub::protocol::{code, is_packet_kind, is_request_kind, kind, Packet, Request};
@@ -540,7 +540,7 @@ fn hb_2_2_frames_behind_a_register_are_served_after_it_in_order() {
     let mut bytes = request_frame(
         &Request::Register {
             username: "pipeliner".into(),
-            password: "password123".into(),
+            password: PASSWORD.into(),
         },
         1,
     );
@@ -666,9 +666,9 @@ fn hb_7_11_idle_timeout_closes_a_silent_logged_in_client() {
         c.auth_timeout = Duration::from_secs(30);
     });
     let mut client = server.connect();
-    client.register("sleepy", "password123").unwrap();
+    client.register("sleepy", PASSWORD).unwrap();
     let last_frame_sent = Instant::now();
-    client.login("sleepy", "password123", "test", 0).unwrap();
+    client.login("sleepy", PASSWORD, "test", 0).unwrap();
     assert_eq!(
         wait_for_error_push(&mut client, Duration::from_secs(10)),
         code::IDLE_TIMEOUT
@@ -969,7 +969,7 @@ fn hb_4_1_malformed_body_gets_malformed_and_connection_stays() {
     raw.expect_error_and_alive(79, code::MALFORMED, 80);
 
     let mut body = wire_str(&[0xff, 0xfe, 0xfd]);
-    body.extend(wire_str(b"password123"));
+    body.extend(wire_str(PASSWORD.as_bytes()));
     raw.send(&frame(kind::REGISTER, 81, &body));
     raw.expect_error_and_alive(81, code::MALFORMED, 82);
 
@@ -998,7 +998,7 @@ fn hb_2_7_request_id_zero_gets_malformed_and_connection_stays() {
 
     let register = Request::Register {
         username: "zero_user".into(),
-        password: "password123".into(),
+        password: PASSWORD.into(),
     };
     raw.send(&request_frame(&register, 0));
     raw.expect_error_and_alive(0, code::MALFORMED, 6);
@@ -1029,8 +1029,8 @@ fn hb_7_13_chat_requests_before_login_get_not_authenticated() {
     client.ping().expect("the connection stays open");
 
     // The same requests are served once logged in.
-    client.register("carol", "password123").unwrap();
-    client.login("carol", "password123", "test", 0).unwrap();
+    client.register("carol", PASSWORD).unwrap();
+    client.login("carol", PASSWORD, "test", 0).unwrap();
     let (messages, _) = client.history("carol", 0, 10).expect("history after login");
     assert!(messages.is_empty());
 }
@@ -1046,7 +1046,7 @@ fn hb_2_6_peer_vanishing_mid_frame_does_not_disturb_others() {
     let half = request_frame(
         &Request::Register {
             username: "ghost".into(),
-            password: "password123".into(),
+            password: PASSWORD.into(),
         },
         9,
     );

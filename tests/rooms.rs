@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{code_of, eventually, start, start_in, start_with, TestServer};
+use common::{code_of, eventually, start, start_in, start_with, TestServer, PASSWORD};
 use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{
     code, presence, room_event, Member, Message, Packet, PresenceEntry, Request, RoomInfo,
@@ -13,7 +13,6 @@ use hubbub::protocol::{
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-const PASSWORD: &str = "password123";
 const WAIT: Duration = Duration::from_secs(10);
 
 // -------------------------------------------------------------------------------------------------------------
@@ -41,18 +40,6 @@ fn online(server: &TestServer, name: &str) -> Client {
     let mut c = server.user(name);
     let (items, _) = catch_up(&mut c);
     assert!(items.is_empty(), "a new user has no messages: {items:?}");
-    c
-}
-
-/// Registers a user without logging in (they stay offline, never seen).
-fn register(server: &TestServer, name: &str) {
-    server.connect().register(name, PASSWORD).unwrap();
-}
-
-/// A session of an existing user logged in with an explicit `last_seen`; its catch-up is left to the caller.
-fn login_at(server: &TestServer, name: &str, device: &str, last_seen: u64) -> Client {
-    let mut c = server.connect();
-    c.login(name, PASSWORD, device, last_seen).unwrap();
     c
 }
 
@@ -646,25 +633,25 @@ fn hb_10_offline_member_catches_up_on_room_messages() {
     assert!(sent.iter().all(|m| m.id() > before));
 
     // last_seen 0: from the delivered cursor (nothing confirmed yet).
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     let (items, cursor) = catch_up(&mut bob);
     assert_eq!(items, sent);
     assert_eq!(cursor, sent[2].id());
 
     // An explicit last_seen: only what is past it.
-    let mut bob2 = login_at(&server, "bob", "phone", sent[0].id());
+    let mut bob2 = server.login_at("bob", "phone", sent[0].id());
     let (items, cursor) = catch_up(&mut bob2);
     assert_eq!(items, sent[1..].to_vec());
     assert_eq!(cursor, sent[2].id());
 
     // The delivered cursor covers room messages too.
     bob.received(sent[1].id()).unwrap();
-    let mut bob3 = login_at(&server, "bob", "tablet", 0);
+    let mut bob3 = server.login("bob", "tablet");
     let (items, _) = catch_up(&mut bob3);
     assert_eq!(items, sent[2..].to_vec());
 
     // A last_seen from before joining does not reach back past the join.
-    let mut bob4 = login_at(&server, "bob", "watch", first);
+    let mut bob4 = server.login_at("bob", "watch", first);
     let (items, _) = catch_up(&mut bob4);
     assert_eq!(items, sent);
 
@@ -720,7 +707,7 @@ fn hb_10_room_and_direct_messages_interleave_in_the_catch_up() {
     let (id, ts) = alice.send_message("bob", 5, "d3").unwrap();
     expected.push(direct(id, "alice", ts, "d3"));
 
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     let (items, cursor) = catch_up(&mut bob);
     assert_eq!(items, expected);
     assert!(items.windows(2).all(|w| w[0].id() < w[1].id()));
@@ -1001,7 +988,7 @@ fn hb_11_max_watch_at_the_edge() {
     let server = start_with(|c| c.max_watch = 2);
     let mut alice = online(&server, "alice");
     for name in ["bob", "carol", "dave"] {
-        register(&server, name);
+        server.register(name);
     }
     assert_eq!(
         code_of(alice.watch(&["bob", "carol", "dave"])),
@@ -1025,7 +1012,7 @@ fn hb_11_max_watch_at_the_edge() {
 fn hb_11_watch_then_login_and_logout_push_presence() {
     let server = start();
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     let list = alice.watch(&["bob"]).unwrap();
     assert_eq!(
         list,
@@ -1036,7 +1023,7 @@ fn hb_11_watch_then_login_and_logout_push_presence() {
         }]
     );
 
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     assert_eq!(
         presences(&settle(&mut alice)),
         vec![PresenceEntry {
@@ -1064,7 +1051,7 @@ fn hb_11_watch_then_login_and_logout_push_presence() {
     );
 
     // A dropped connection ends it too.
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     assert_eq!(presences(&settle(&mut alice))[0].state, presence::ONLINE);
     catch_up(&mut bob);
     let t0 = now_ms();
@@ -1123,13 +1110,13 @@ fn hb_11_watch_answers_each_users_state() {
 fn hb_11_offline_only_when_the_last_session_ends() {
     let server = start();
     let mut alice = online(&server, "alice");
-    register(&server, "bob");
+    server.register("bob");
     alice.watch(&["bob"]).unwrap();
 
-    let mut bob1 = login_at(&server, "bob", "laptop", 0);
+    let mut bob1 = server.login("bob", "laptop");
     catch_up(&mut bob1);
     assert_eq!(presences(&settle(&mut alice)).len(), 1);
-    let mut bob2 = login_at(&server, "bob", "phone", 0);
+    let mut bob2 = server.login("bob", "phone");
     catch_up(&mut bob2);
     let pushes = settle(&mut alice);
     assert!(presences(&pushes).is_empty(), "second login: {pushes:?}");
@@ -1176,10 +1163,10 @@ fn hb_11_no_presence_without_watch() {
     let server = start();
     let mut alice = online(&server, "alice");
     let mut carol = online(&server, "carol");
-    register(&server, "bob");
+    server.register("bob");
     alice.watch(&["bob"]).unwrap();
 
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     catch_up(&mut bob);
     assert_eq!(presences(&settle(&mut alice))[0].state, presence::ONLINE);
     assert_next_frame_is_pong(&mut carol, "carol after bob's login");
@@ -1199,11 +1186,11 @@ fn hb_11_unwatch_stops_presence_pushes() {
     let server = start();
     let mut alice = online(&server, "alice");
     let mut dave = online(&server, "dave");
-    register(&server, "bob");
+    server.register("bob");
     alice.watch(&["bob"]).unwrap();
     dave.watch(&["bob"]).unwrap();
 
-    let mut bob = login_at(&server, "bob", "laptop", 0);
+    let mut bob = server.login("bob", "laptop");
     assert_eq!(presences(&settle(&mut alice)).len(), 1);
     assert_eq!(presences(&settle(&mut dave)).len(), 1);
 
@@ -1211,7 +1198,7 @@ fn hb_11_unwatch_stops_presence_pushes() {
     bob.logout().unwrap();
     assert_eq!(presences(&settle(&mut dave))[0].state, presence::OFFLINE);
     assert_next_frame_is_pong(&mut alice, "alice after unwatching bob's logout");
-    let _bob = login_at(&server, "bob", "laptop", 0);
+    let _bob = server.login("bob", "laptop");
     assert_eq!(presences(&settle(&mut dave))[0].state, presence::ONLINE);
     assert_next_frame_is_pong(&mut alice, "alice after unwatching bob's login");
 }
@@ -1268,7 +1255,7 @@ fn hb_12_typing_has_no_reply() {
     let server = start();
     let mut alice = online(&server, "alice");
     let _bob = online(&server, "bob");
-    register(&server, "carol");
+    server.register("carol");
     for (room, to) in [
         (false, "bob"),
         (false, "carol"),

@@ -2,12 +2,17 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod rng;
 
 use hubbub::auth::HashParams;
 use hubbub::client::{Client, ClientError};
 use hubbub::{Config, RunningServer, Server};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// The password every test user has: [`TestServer::user`], [`TestServer::register`] and the logins here use it, and
+/// so do the suites that drive the real binary ([`process::ServerProcess::login`]) or the CLI.
+pub const PASSWORD: &str = "password123";
 
 /// A server running on its own thread for one test; shut down (gracefully) when dropped.
 pub struct TestServer {
@@ -57,15 +62,27 @@ impl TestServer {
     /// A new user, registered and logged in on a fresh connection.
     pub fn user(&self, name: &str) -> Client {
         let mut c = self.connect();
-        c.register(name, "password123").unwrap();
-        c.login(name, "password123", "test", 0).unwrap();
+        c.register(name, PASSWORD).unwrap();
+        c.login(name, PASSWORD, "test", 0).unwrap();
         c
     }
 
-    /// Another logged-in session of an existing user.
+    /// Registers a user on a throwaway connection without logging in (they stay offline, never seen).
+    pub fn register(&self, name: &str) {
+        self.connect()
+            .register(name, PASSWORD)
+            .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    }
+
+    /// Another logged-in session of an existing user (`last_seen` 0); its catch-up is left to the caller.
     pub fn login(&self, name: &str, device: &str) -> Client {
+        self.login_at(name, device, 0)
+    }
+
+    /// A session of an existing user logged in with an explicit `last_seen`; its catch-up is left to the caller.
+    pub fn login_at(&self, name: &str, device: &str, last_seen: u64) -> Client {
         let mut c = self.connect();
-        c.login(name, "password123", device, 0).unwrap();
+        c.login(name, PASSWORD, device, last_seen).unwrap();
         c
     }
 

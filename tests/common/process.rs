@@ -14,15 +14,20 @@
 //! let c = Client::connect(server.addr);
 //! ```
 //!
+//! Client sessions on it: [`ServerProcess::connect`], [`ServerProcess::login`] and [`ServerProcess::register_all`],
+//! all with the common [`PASSWORD`].
+//!
 //! Also here: readers of `/proc/PID/…` ([`status_kib`], [`rss_of`], [`fd_count`], [`nofile_of`]), [`send_signal`]
-//! through `kill(1)`, and [`raise_nofile`] for the test process itself.
+//! through `kill(1)`, [`raise_nofile`] for the test process itself, and [`integrity_check`] of a database the
+//! server has left.
 
-use hubbub::client::Client;
+use super::PASSWORD;
+use hubbub::client::{Client, LoginInfo};
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -216,6 +221,31 @@ impl ServerProcess {
         self.pid
     }
 
+    /// A new client connection; panics (saying where) if it cannot connect.
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr).unwrap_or_else(|e| panic!("connect to {}: {e}", self.addr))
+    }
+
+    /// A session of `name` (registered with [`PASSWORD`]) on `device`, logged in with `last_seen`; its catch-up is
+    /// left to the caller.
+    pub fn login(&self, name: &str, device: &str, last_seen: u64) -> (Client, LoginInfo) {
+        let mut c = self.connect();
+        let info = c
+            .login(name, PASSWORD, device, last_seen)
+            .unwrap_or_else(|e| panic!("{name} logs in on {device}: {e}"));
+        (c, info)
+    }
+
+    /// Registers `names` (with [`PASSWORD`]), in order, on one connection, without logging in.
+    pub fn register_all<S: AsRef<str>>(&self, names: &[S]) {
+        let mut c = self.connect();
+        for name in names {
+            let name = name.as_ref();
+            c.register(name, PASSWORD)
+                .unwrap_or_else(|e| panic!("register {name}: {e}"));
+        }
+    }
+
     /// The kept tail of its stderr.
     pub fn log_text(&self) -> String {
         let log = self.log.lock().unwrap();
@@ -356,6 +386,29 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Checks a database the server has left (none may be running on it): SQLite's `PRAGMA integrity_check` says "ok",
+/// and no (sender, client_msg_id) is stored twice (a resend must get the original message, [HB-5.2]).
+pub fn integrity_check(db: &Path) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let result: String = conn
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(result, "ok", "PRAGMA integrity_check of {}", db.display());
+    let dupes: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM (SELECT 1 FROM messages GROUP BY sender_id, client_msg_id HAVING count(*) > 1)",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        dupes,
+        0,
+        "a (sender, client_msg_id) is stored twice in {}",
+        db.display()
+    );
 }
 
 /// Sends `signal` (e.g. "-TERM", "-STOP", "-CONT") to a process with kill(1); panics if kill fails.
