@@ -1387,6 +1387,25 @@ fn hb_12_typing_to_a_room_without_membership_delivers_nothing() {
     );
 }
 
+// [HB-12.2] [HB-12.3] A notice dropped because the sender is not a member does not count against the rate: typing
+// in a room, joining it, and typing again at once delivers the second notice.
+#[test]
+fn hb_12_a_dropped_non_member_notice_does_not_use_the_rate_slot() {
+    let server = start_with(|c| c.typing_interval = Duration::from_secs(60));
+    let mut alice = online(&server, "alice");
+    let mut dave = online(&server, "dave");
+    alice.create_room("lounge", "").unwrap();
+    dave.typing(true, "lounge").unwrap();
+    dave.join_room("lounge").unwrap();
+    settle(&mut alice);
+    dave.typing(true, "lounge").unwrap();
+    dave.ping().unwrap();
+    assert_eq!(
+        typing_notices(&settle(&mut alice)),
+        vec![("dave".to_owned(), "lounge".to_owned())]
+    );
+}
+
 // -------------------------------------------------------------------------------------------------------------
 // [HB-13] Stats
 // -------------------------------------------------------------------------------------------------------------
