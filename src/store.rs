@@ -605,6 +605,14 @@ impl StoreHandle {
     }
 }
 
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle")
+            .field("queue_depth", &self.queue_depth())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Counters shared between the handle (reader) and the worker (writer).
 #[derive(Default)]
 struct Stats {
@@ -2177,14 +2185,6 @@ fn lookup_users(conn: &Connection, names: Vec<String>) -> JobResult<Outcome> {
         users.push((name, found));
     }
     Ok(Outcome::Users(users))
-}
-
-impl std::fmt::Debug for StoreHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreHandle")
-            .field("queue_depth", &self.queue_depth())
-            .finish_non_exhaustive()
-    }
 }
 
 #[cfg(test)]
