@@ -96,61 +96,77 @@ fn wait_for<T>(c: &mut Client, what: &str, mut pick: impl FnMut(&Packet) -> Opti
     }
 }
 
-fn next_room_msg(c: &mut Client) -> RoomMessage {
-    wait_for(c, "a RoomDeliver", |p| match p {
+/// `settle` for several clients, in the order given, when only the draining matters.
+fn settle_all<'a>(cs: impl IntoIterator<Item = &'a mut Client>) {
+    for c in cs {
+        settle(c);
+    }
+}
+
+// One picker per push type: for `wait_for` and for the lists below.
+
+fn as_room_msg(p: &Packet) -> Option<RoomMessage> {
+    match p {
         Packet::RoomDeliver(m) => Some(m.clone()),
         _ => None,
-    })
+    }
+}
+
+fn as_room_event(p: &Packet) -> Option<(String, u8, String)> {
+    match p {
+        Packet::RoomEvent { room, event, user } => Some((room.clone(), *event, user.clone())),
+        _ => None,
+    }
+}
+
+fn as_room_closed(p: &Packet) -> Option<String> {
+    match p {
+        Packet::RoomClosed { room } => Some(room.clone()),
+        _ => None,
+    }
+}
+
+fn as_typing(p: &Packet) -> Option<(String, String)> {
+    match p {
+        Packet::TypingNotice { from, room } => Some((from.clone(), room.clone())),
+        _ => None,
+    }
+}
+
+fn as_presence(p: &Packet) -> Option<PresenceEntry> {
+    match p {
+        Packet::Presence(e) => Some(e.clone()),
+        _ => None,
+    }
+}
+
+fn next_room_msg(c: &mut Client) -> RoomMessage {
+    wait_for(c, "a RoomDeliver", as_room_msg)
 }
 
 fn room_delivers(pushes: &[Packet]) -> Vec<RoomMessage> {
-    pushes
-        .iter()
-        .filter_map(|p| match p {
-            Packet::RoomDeliver(m) => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
+    pushes.iter().filter_map(as_room_msg).collect()
 }
 
 fn room_events(pushes: &[Packet]) -> Vec<(String, u8, String)> {
-    pushes
-        .iter()
-        .filter_map(|p| match p {
-            Packet::RoomEvent { room, event, user } => Some((room.clone(), *event, user.clone())),
-            _ => None,
-        })
-        .collect()
+    pushes.iter().filter_map(as_room_event).collect()
 }
 
 fn room_closed(pushes: &[Packet]) -> Vec<String> {
-    pushes
-        .iter()
-        .filter_map(|p| match p {
-            Packet::RoomClosed { room } => Some(room.clone()),
-            _ => None,
-        })
-        .collect()
+    pushes.iter().filter_map(as_room_closed).collect()
 }
 
 fn typing_notices(pushes: &[Packet]) -> Vec<(String, String)> {
-    pushes
-        .iter()
-        .filter_map(|p| match p {
-            Packet::TypingNotice { from, room } => Some((from.clone(), room.clone())),
-            _ => None,
-        })
-        .collect()
+    pushes.iter().filter_map(as_typing).collect()
 }
 
 fn presences(pushes: &[Packet]) -> Vec<PresenceEntry> {
-    pushes
-        .iter()
-        .filter_map(|p| match p {
-            Packet::Presence(e) => Some(e.clone()),
-            _ => None,
-        })
-        .collect()
+    pushes.iter().filter_map(as_presence).collect()
+}
+
+/// How many members `room` has now, as `c` is told.
+fn member_count(c: &mut Client, room: &str) -> usize {
+    c.room_members(room).unwrap().len()
 }
 
 fn event(room: &str, kind: u8, user: &str) -> (String, u8, String) {
@@ -368,9 +384,7 @@ fn hb_10_leave_announces_and_stops_delivery() {
     let mut carol = online(&server, "carol");
     let mut dave = online(&server, "dave");
     room_with(&mut alice, "lounge", &mut [&mut bob, &mut carol]);
-    for c in [&mut alice, &mut bob, &mut carol] {
-        settle(c);
-    }
+    settle_all([&mut alice, &mut bob, &mut carol]);
 
     bob.leave_room("Lounge").unwrap();
     for (who, c) in [("alice", &mut alice), ("carol", &mut carol)] {
@@ -427,9 +441,7 @@ fn hb_10_kick_by_host_only_and_the_kicked_may_rejoin() {
     let mut bob2 = device(&server, "bob", "phone");
     let mut carol = online(&server, "carol");
     room_with(&mut alice, "lounge", &mut [&mut bob1, &mut carol]);
-    for c in [&mut alice, &mut bob1, &mut bob2, &mut carol] {
-        settle(c);
-    }
+    settle_all([&mut alice, &mut bob1, &mut bob2, &mut carol]);
 
     assert_eq!(code_of(carol.kick("lounge", "bob")), code::NOT_HOST);
     assert_eq!(code_of(bob2.kick("lounge", "carol")), code::NOT_HOST);
@@ -440,7 +452,7 @@ fn hb_10_kick_by_host_only_and_the_kicked_may_rejoin() {
         code::UNKNOWN_RECIPIENT
     );
     assert_eq!(code_of(alice.kick("nowhere", "bob")), code::NO_SUCH_ROOM);
-    assert_eq!(alice.room_members("lounge").unwrap().len(), 3);
+    assert_eq!(member_count(&mut alice, "lounge"), 3);
     for c in [&mut alice, &mut bob1, &mut bob2, &mut carol] {
         let pushes = settle(c);
         assert!(room_events(&pushes).is_empty(), "{pushes:?}");
@@ -504,9 +516,7 @@ fn hb_10_close_notifies_members_and_freezes_the_room() {
     let (m1, _) = alice.send_room("lounge", 1, "before the end").unwrap();
     erin.leave_room("lounge").unwrap();
     let (m2, _) = bob1.send_room("lounge", 1, "last words").unwrap();
-    for c in [&mut alice, &mut bob1, &mut bob2, &mut carol, &mut erin] {
-        settle(c);
-    }
+    settle_all([&mut alice, &mut bob1, &mut bob2, &mut carol, &mut erin]);
 
     assert_eq!(code_of(bob1.close_room("lounge")), code::NOT_HOST);
     assert_eq!(code_of(dave.close_room("lounge")), code::NOT_HOST);
@@ -723,8 +733,7 @@ fn hb_10_resend_of_a_room_message_is_delivered_once() {
     let mut alice2 = device(&server, "alice", "phone");
     let mut bob = online(&server, "bob");
     room_with(&mut alice, "lounge", &mut [&mut bob]);
-    settle(&mut alice2);
-    settle(&mut bob);
+    settle_all([&mut alice2, &mut bob]);
 
     let first = alice.send_room("lounge", 7, "only once").unwrap();
     assert_eq!(alice.send_room("lounge", 7, "only once").unwrap(), first);
@@ -749,9 +758,7 @@ fn hb_10_own_other_device_receives_the_room_message() {
     let mut alice2 = device(&server, "alice", "phone");
     let mut bob = online(&server, "bob");
     room_with(&mut alice1, "lounge", &mut [&mut bob]);
-    for c in [&mut alice1, &mut alice2, &mut bob] {
-        settle(c);
-    }
+    settle_all([&mut alice1, &mut alice2, &mut bob]);
 
     let (id, ts) = alice1.send_room("lounge", 1, "from my laptop").unwrap();
     let expected = vec![room_msg(id, "lounge", "alice", ts, "from my laptop")];
@@ -1056,10 +1063,7 @@ fn hb_11_watch_then_login_and_logout_push_presence() {
     catch_up(&mut bob);
     let t0 = now_ms();
     drop(bob);
-    let entry = wait_for(&mut alice, "Presence offline", |p| match p {
-        Packet::Presence(e) => Some(e.clone()),
-        _ => None,
-    });
+    let entry = wait_for(&mut alice, "Presence offline", as_presence);
     assert_eq!(
         (entry.username.as_str(), entry.state),
         ("bob", presence::OFFLINE)
@@ -1135,10 +1139,7 @@ fn hb_11_offline_only_when_the_last_session_ends() {
     assert_eq!(stat(&mut alice, "users_online"), 2);
 
     drop(bob2);
-    let entry = wait_for(&mut alice, "Presence offline", |p| match p {
-        Packet::Presence(e) => Some(e.clone()),
-        _ => None,
-    });
+    let entry = wait_for(&mut alice, "Presence offline", as_presence);
     assert_eq!(
         (entry.username.as_str(), entry.state),
         ("bob", presence::OFFLINE)
@@ -1172,10 +1173,7 @@ fn hb_11_no_presence_without_watch() {
     assert_next_frame_is_pong(&mut carol, "carol after bob's login");
 
     drop(bob);
-    let entry = wait_for(&mut alice, "Presence offline", |p| match p {
-        Packet::Presence(e) => Some(e.clone()),
-        _ => None,
-    });
+    let entry = wait_for(&mut alice, "Presence offline", as_presence);
     assert_eq!(entry.state, presence::OFFLINE);
     assert_next_frame_is_pong(&mut carol, "carol after bob's close");
 }
@@ -1218,9 +1216,7 @@ fn hb_12_typing_reaches_peer_sessions_and_room_members() {
     let mut carol = online(&server, "carol");
     let mut dave = online(&server, "dave");
     room_with(&mut alice, "lounge", &mut [&mut bob1, &mut carol]);
-    for c in [&mut alice, &mut bob1, &mut bob2, &mut carol, &mut dave] {
-        settle(c);
-    }
+    settle_all([&mut alice, &mut bob1, &mut bob2, &mut carol, &mut dave]);
 
     alice.typing(false, "Bob").unwrap();
     alice.ping().unwrap();
@@ -1363,9 +1359,7 @@ fn hb_12_typing_to_a_room_without_membership_delivers_nothing() {
     let mut dave = online(&server, "dave");
     room_with(&mut alice, "lounge", &mut [&mut bob]);
     bob.leave_room("lounge").unwrap();
-    for c in [&mut alice, &mut bob] {
-        settle(c);
-    }
+    settle_all([&mut alice, &mut bob]);
 
     dave.typing(true, "lounge").unwrap();
     bob.typing(true, "lounge").unwrap();
@@ -1512,12 +1506,10 @@ fn hb_10_fan_out_to_fifty_members_exactly_once() {
         c.join_room("crowd").unwrap();
     }
     let mut sender_phone = device(&server, "user00", "phone");
-    for c in members.iter_mut() {
-        settle(c);
-    }
+    settle_all(members.iter_mut());
     settle(&mut sender_phone);
     assert_eq!(
-        members[0].room_members("crowd").unwrap().len(),
+        member_count(&mut members[0], "crowd"),
         50,
         "everyone joined"
     );
@@ -1664,11 +1656,7 @@ fn hb_10_join_by_a_vanished_session_takes_effect_live() {
             name: "lounge".into(),
         },
     );
-    assert!(eventually(WAIT, || alice
-        .room_members("lounge")
-        .unwrap()
-        .len()
-        == 2));
+    assert!(eventually(WAIT, || member_count(&mut alice, "lounge") == 2));
     let (id, _) = alice.send_room("lounge", 1, "welcome").unwrap();
     assert_eq!(next_room_msg(&mut bob).id, id);
 }
@@ -1690,11 +1678,7 @@ fn hb_10_kick_by_a_vanished_host_takes_effect_live() {
             user: "bob".into(),
         },
     );
-    assert!(eventually(WAIT, || alice
-        .room_members("lounge")
-        .unwrap()
-        .len()
-        == 1));
+    assert!(eventually(WAIT, || member_count(&mut alice, "lounge") == 1));
     alice.send_room("lounge", 1, "not for bob").unwrap();
     let pushes = settle(&mut bob);
     assert!(room_delivers(&pushes).is_empty(), "{pushes:?}");
@@ -1720,11 +1704,7 @@ fn hb_10_leave_by_a_vanished_session_takes_effect_live() {
             name: "lounge".into(),
         },
     );
-    assert!(eventually(WAIT, || alice
-        .room_members("lounge")
-        .unwrap()
-        .len()
-        == 1));
+    assert!(eventually(WAIT, || member_count(&mut alice, "lounge") == 1));
     alice.send_room("lounge", 1, "not for bob").unwrap();
     let pushes = settle(&mut bob);
     assert!(room_delivers(&pushes).is_empty(), "{pushes:?}");
