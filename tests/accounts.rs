@@ -106,6 +106,27 @@ fn login_request(name: &str, password: &str, device: &str) -> Request {
     }
 }
 
+/// A Register of `name` with the test password.
+fn register_request(name: &str) -> Request {
+    Request::Register {
+        username: name.into(),
+        password: PASSWORD.into(),
+    }
+}
+
+/// The id of the token listed for `device`.
+fn token_id_of(list: &[TokenEntry], device: &str) -> u64 {
+    list.iter()
+        .find(|t| t.device == device)
+        .unwrap_or_else(|| panic!("no {device} token listed in {list:?}"))
+        .token_id
+}
+
+/// Sleeps until `t` (at once if it has passed).
+fn sleep_until(t: Instant) {
+    thread::sleep(t.saturating_duration_since(Instant::now()));
+}
+
 /// Parses the "retry in N ms" of a RATE_LIMITED text.
 fn retry_ms(text: &str) -> u64 {
     let after = text
@@ -364,9 +385,7 @@ fn expired_token_is_bad_token() {
     let mut early = server.connect();
     early.resume(info.token, "laptop", 0).unwrap();
     // ... and once the lifetime is over it does not.
-    thread::sleep(
-        (issued_by + ttl + Duration::from_millis(700)).saturating_duration_since(Instant::now()),
-    );
+    sleep_until(issued_by + ttl + Duration::from_millis(700));
     let mut late = server.connect();
     let (code, text) = error_of(late.resume(info.token, "laptop", 0));
     assert_eq!(code, code::BAD_TOKEN, "{text}");
@@ -460,11 +479,7 @@ fn hb_7_9_revoking_another_devices_token_closes_its_session() {
     let (mut laptop, laptop_info) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
     let list = phone.list_tokens().unwrap();
-    let laptop_id = list
-        .iter()
-        .find(|t| t.device == "laptop")
-        .expect("laptop token listed")
-        .token_id;
+    let laptop_id = token_id_of(&list, "laptop");
     assert!(
         !list
             .iter()
@@ -533,13 +548,7 @@ fn hb_7_9_revoked_session_closes_even_if_the_revoker_disconnects_at_once() {
     server.register("alice");
     let (mut laptop, laptop_info) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
-    let laptop_id = phone
-        .list_tokens()
-        .unwrap()
-        .into_iter()
-        .find(|t| t.device == "laptop")
-        .unwrap()
-        .token_id;
+    let laptop_id = token_id_of(&phone.list_tokens().unwrap(), "laptop");
     phone
         .send_request(&Request::RevokeToken {
             token_id: laptop_id,
@@ -573,13 +582,7 @@ fn pipelined_revoke_then_logout_answers_both_and_closes_the_revoked_session() {
     server.register("alice");
     let (mut laptop, _) = login_as(&server, "alice", "laptop");
     let (mut phone, _) = login_as(&server, "alice", "phone");
-    let laptop_id = phone
-        .list_tokens()
-        .unwrap()
-        .into_iter()
-        .find(|t| t.device == "laptop")
-        .unwrap()
-        .token_id;
+    let laptop_id = token_id_of(&phone.list_tokens().unwrap(), "laptop");
     phone
         .send_raw(&frames(&[
             (
@@ -649,10 +652,7 @@ fn hb_7_7_failed_logins_lock_out_then_the_lockout_passes() {
     c.ping().unwrap();
 
     // After the lockout the right password works.
-    thread::sleep(
-        (locked_at + lockout + Duration::from_millis(300))
-            .saturating_duration_since(Instant::now()),
-    );
+    sleep_until(locked_at + lockout + Duration::from_millis(300));
     let info = c.login("alice", PASSWORD, "d", 0).unwrap();
     assert_eq!(info.username, "alice");
     other.login("bob", PASSWORD, "d", 0).unwrap();
@@ -680,10 +680,7 @@ fn hb_7_7_lockout_doubles_on_further_failures() {
         code_of(c.login("alice", PASSWORD, "d", 0)),
         code::RATE_LIMITED
     );
-    thread::sleep(
-        (locked_at + lockout + Duration::from_millis(300))
-            .saturating_duration_since(Instant::now()),
-    );
+    sleep_until(locked_at + lockout + Duration::from_millis(300));
     // One more failure after the first lockout: locked again, for 2 × lockout.
     assert_eq!(
         code_of(c.login("alice", "wrong-password", "d", 0)),
@@ -729,10 +726,7 @@ fn hb_7_7_failed_resumes_lock_out_the_address() {
         code::RATE_LIMITED
     );
 
-    thread::sleep(
-        (locked_at + lockout + Duration::from_millis(300))
-            .saturating_duration_since(Instant::now()),
-    );
+    sleep_until(locked_at + lockout + Duration::from_millis(300));
     let resumed = c.resume(info.token, "laptop", 0).unwrap();
     assert_eq!(resumed.user_id, info.user_id);
 }
@@ -777,7 +771,7 @@ fn hb_7_10_auth_timeout_closes_only_connections_that_are_not_logged_in() {
     assert_eq!(code, code::AUTH_TIMEOUT);
 
     // The logged-in connection is well past the deadline and still served.
-    thread::sleep((started + 3 * auth_timeout).saturating_duration_since(Instant::now()));
+    sleep_until(started + 3 * auth_timeout);
     logged_in.ping().unwrap();
     logged_in.list_tokens().unwrap();
 
@@ -856,13 +850,7 @@ fn hb_7_3_frames_pipelined_behind_a_login_run_after_it_in_order() {
     // Register, Login and ListTokens in one write; and a failed login's followers see it failed.
     let mut d = server.connect();
     d.send_raw(&frames(&[
-        (
-            2001,
-            Request::Register {
-                username: "bob".into(),
-                password: PASSWORD.into(),
-            },
-        ),
+        (2001, register_request("bob")),
         (2002, login_request("bob", PASSWORD, "desk")),
         (2003, Request::ListTokens),
         (2004, Request::Logout),
@@ -979,11 +967,8 @@ fn hb_7_8_full_hash_queue_answers_server_busy() {
         .iter_mut()
         .enumerate()
         .map(|(i, c)| {
-            c.send_request(&Request::Register {
-                username: format!("busy{i}"),
-                password: PASSWORD.into(),
-            })
-            .unwrap()
+            c.send_request(&register_request(&format!("busy{i}")))
+                .unwrap()
         })
         .collect();
     // The loop does not hash: a Ping is answered while the pool is saturated.
@@ -1014,10 +999,7 @@ fn hb_7_8_full_hash_queue_answers_server_busy() {
     let refused = busy[0];
     let c = &mut clients[refused];
     let id = c
-        .send_request(&Request::Register {
-            username: format!("busy{refused}"),
-            password: PASSWORD.into(),
-        })
+        .send_request(&register_request(&format!("busy{refused}")))
         .unwrap();
     assert_eq!(
         c.wait_reply(id, Duration::from_secs(180)).unwrap(),
@@ -1150,12 +1132,7 @@ fn unwritable_database_answers_server_error_and_recovers() {
     blocker.busy_timeout(Duration::from_secs(30)).unwrap();
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
 
-    let id = c
-        .send_request(&Request::Register {
-            username: "bob".into(),
-            password: PASSWORD.into(),
-        })
-        .unwrap();
+    let id = c.send_request(&register_request("bob")).unwrap();
     // The store waits out its busy timeout (5 s) first: wait well beyond the client's default.
     let (code, text) = error_of(c.wait_reply(id, Duration::from_secs(60)));
     assert_eq!(code, code::SERVER_ERROR, "{text}");

@@ -109,6 +109,15 @@ fn send_req(recipient: &str, client_msg_id: u64, text: &str) -> Request {
     }
 }
 
+/// Waits for the answer to the Send with request id `rid`: the acked message id. Any non-Ack answer fails the
+/// test.
+fn ack_id(c: &mut Client, rid: u32) -> u64 {
+    match c.wait_reply(rid, WAIT) {
+        Ok(Packet::Ack { message_id, .. }) => message_id,
+        other => panic!("Send {rid} was not acked: {other:?}"),
+    }
+}
+
 /// Sends `(client id, text)` pairs pipelined, `window` requests in flight at a time; returns the acked message
 /// ids in order. Any non-Ack answer fails the test.
 fn send_pipelined(
@@ -123,14 +132,16 @@ fn send_pipelined(
             .iter()
             .map(|(cid, text)| c.send_request(&send_req(recipient, *cid, text)).unwrap())
             .collect();
-        for rid in rids {
-            match c.wait_reply(rid, WAIT) {
-                Ok(Packet::Ack { message_id, .. }) => ids.push(message_id),
-                other => panic!("Send {rid} was not acked: {other:?}"),
-            }
-        }
+        ids.extend(rids.into_iter().map(|rid| ack_id(c, rid)));
     }
     ids
+}
+
+/// `n` numbered texts for [`send_pipelined`]: client id `i` with a text of `len` bytes tagged `{tag}{i}`.
+fn texts(tag: &str, n: u64, len: usize) -> Vec<(u64, String)> {
+    (1..=n)
+        .map(|i| (i, text_of(&format!("{tag}{i}"), len)))
+        .collect()
 }
 
 /// A text of exactly `len` bytes that starts with `tag` (so it can be told apart).
@@ -460,9 +471,7 @@ fn hb_5_4_two_thousand_message_backlog_while_others_chat() {
     let carol = online(&server, "carol");
     let dave = online(&server, "dave");
 
-    let items: Vec<(u64, String)> = (1..=N)
-        .map(|i| (i, text_of(&format!("b{i}"), 1500)))
-        .collect();
+    let items = texts("b", N, 1500);
     let started = Instant::now();
     let sent = send_pipelined(&mut alice, "bob", &items, 100);
     println!("2000 sends acked in {:?}", started.elapsed());
@@ -651,9 +660,7 @@ fn hb_5_6_reader_that_never_reads_catches_up_from_the_store() {
     // From here bob reads nothing until every Send is acked.
 
     let rss_before = rss_of(std::process::id());
-    let items: Vec<(u64, String)> = (1..=N)
-        .map(|i| (i, text_of(&format!("s{i}"), TEXT)))
-        .collect();
+    let items = texts("s", N, TEXT);
     let started = Instant::now();
     let sent = send_pipelined(&mut alice, "bob", &items, 64);
     let send_time = started.elapsed();
@@ -776,9 +783,7 @@ fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
     let bob_peer = bob.stream().try_clone().unwrap();
 
     // Enough to fill the kernel buffers between the server and bob.
-    let items: Vec<(u64, String)> = (1..=600)
-        .map(|i| (i, text_of(&format!("s{i}"), 8000)))
-        .collect();
+    let items = texts("s", 600, 8000);
     let started = Instant::now();
     let sent = send_pipelined(&mut alice, "bob", &items, 64);
 
@@ -839,9 +844,7 @@ fn hb_5_6_slow_but_steady_reader_is_not_a_slow_consumer() {
     });
     let mut alice = online(&server, "alice");
     server.register("bob");
-    let items: Vec<(u64, String)> = (1..=400)
-        .map(|i| (i, text_of(&format!("s{i}"), 8000)))
-        .collect();
+    let items = texts("s", 400, 8000);
     let sent = send_pipelined(&mut alice, "bob", &items, 64);
 
     // Bob on a raw socket, so that every byte he reads is accounted for here.
@@ -963,10 +966,7 @@ fn hb_5_6_a_page_larger_than_several_write_turns_arrives_whole() {
     });
     let mut alice = online(&server, "alice");
     server.register("bob");
-    let texts: Vec<(u64, String)> = (1..=200)
-        .map(|i| (i, text_of(&format!("page{i}"), 8000)))
-        .collect();
-    send_pipelined(&mut alice, "bob", &texts, 50);
+    send_pipelined(&mut alice, "bob", &texts("page", 200, 8000), 50);
     let mut bob = server.login("bob", "laptop");
     let (messages, _) = catch_up(&mut bob);
     assert_eq!(messages.len(), 200, "1.6 MB in one page, all of it");
@@ -1145,13 +1145,7 @@ fn hb_5_8_rate_limit() {
         send_req("bob", i, &format!("burst {i}")).encode(i as u32 + 100, &mut burst);
     }
     alice.send_raw(&burst).unwrap();
-    let mut acked = Vec::new();
-    for i in 1..=5u32 {
-        match alice.wait_reply(i + 100, WAIT) {
-            Ok(Packet::Ack { message_id, .. }) => acked.push(message_id),
-            other => panic!("send {i}: {other:?}"),
-        }
-    }
+    let mut acked: Vec<u64> = (1..=5u32).map(|i| ack_id(&mut alice, i + 100)).collect();
     assert_eq!(code_of(alice.wait_reply(106, WAIT)), code::RATE_LIMITED);
 
     std::thread::sleep(Duration::from_millis(1100));
@@ -1223,13 +1217,10 @@ fn hb_8_a_full_store_queue_pauses_reading_and_loses_nothing() {
 
     locker.execute_batch("COMMIT").unwrap();
     assert!(matches!(probe.wait_reply(ping, WAIT), Ok(Packet::Pong)));
-    let mut acked = Vec::new();
-    for rid in rids {
-        match alice.wait_reply(rid, WAIT) {
-            Ok(Packet::Ack { message_id, .. }) => acked.push(message_id),
-            other => panic!("Send {rid} was not acked: {other:?}"),
-        }
-    }
+    let acked: Vec<u64> = rids
+        .into_iter()
+        .map(|rid| ack_id(&mut alice, rid))
+        .collect();
     let delivered: Vec<u64> = (0..50).map(|_| next_msg(&mut bob).id).collect();
     assert_eq!(delivered, acked, "every acked message, once, in order");
     assert_strictly_increasing(&acked, "acked ids");

@@ -38,6 +38,14 @@ fn request_frame(request: &Request, request_id: u32) -> Vec<u8> {
     out
 }
 
+/// A Register of `name` with the test password.
+fn register_request(name: &str) -> Request {
+    Request::Register {
+        username: name.into(),
+        password: PASSWORD.into(),
+    }
+}
+
 fn ping(request_id: u32) -> Vec<u8> {
     frame(kind::PING, request_id, b"")
 }
@@ -168,6 +176,22 @@ impl Raw {
         self.expect_eof();
     }
 
+    /// Expects an Error frame with `expected` code instead of a Hello, then a clean end of stream: the
+    /// connection was refused at accept.
+    fn expect_refused(&mut self, expected: u16) {
+        let (header, packet) = self.frame();
+        assert_eq!(
+            header.kind,
+            kind::ERROR,
+            "no Hello for a refused connection"
+        );
+        match packet {
+            Packet::Error { code, .. } => assert_eq!(code, expected),
+            other => panic!("expected Error {expected}, got {other:?}"),
+        }
+        self.expect_eof();
+    }
+
     /// Expects the server to close the connection, with no further frame.
     fn expect_eof(&mut self) {
         match self.next(READ_WAIT) {
@@ -217,6 +241,19 @@ fn assert_closed(client: &mut Client) {
         Err(ClientError::Closed) => {}
         other => panic!("expected the server to close the connection, got {other:?}"),
     }
+}
+
+/// A connection admitted within `within` (retried while the server refuses), or None.
+fn connect_eventually(addr: SocketAddr, within: Duration) -> Option<Client> {
+    let mut admitted = None;
+    eventually(within, || match Client::connect(addr) {
+        Ok(c) => {
+            admitted = Some(c);
+            true
+        }
+        Err(_) => false,
+    });
+    admitted
 }
 
 fn is_version_4_uuid(id: &[u8; 16]) -> bool {
@@ -373,6 +410,14 @@ fn small_frame_server() -> common::TestServer {
     start_with(|c| {
         c.max_frame = 4096;
         c.max_text = 1024;
+    })
+}
+
+/// A server with a short idle timeout for the [HB-7.11] tests; the auth timeout is long so it never interferes.
+fn idle_server(idle: Duration) -> common::TestServer {
+    start_with(|c| {
+        c.idle_timeout = idle;
+        c.auth_timeout = Duration::from_secs(30);
     })
 }
 
@@ -537,13 +582,7 @@ fn hb_2_2_frames_straddling_read_chunks_are_all_answered_in_order() {
 fn hb_2_2_frames_behind_a_register_are_served_after_it_in_order() {
     let server = start();
     let mut raw = Raw::greeted(server.addr);
-    let mut bytes = request_frame(
-        &Request::Register {
-            username: "pipeliner".into(),
-            password: PASSWORD.into(),
-        },
-        1,
-    );
+    let mut bytes = request_frame(&register_request("pipeliner"), 1);
     bytes.extend(ping(2));
     bytes.extend(ping(3));
     raw.send(&bytes);
@@ -661,10 +700,7 @@ fn hb_2_6_garbage_client_is_closed_and_others_keep_working() {
 #[test]
 fn hb_7_11_idle_timeout_closes_a_silent_logged_in_client() {
     let idle = Duration::from_millis(1000);
-    let server = start_with(|c| {
-        c.idle_timeout = idle;
-        c.auth_timeout = Duration::from_secs(30);
-    });
+    let server = idle_server(idle);
     let mut client = server.connect();
     client.register("sleepy", PASSWORD).unwrap();
     let last_frame_sent = Instant::now();
@@ -686,10 +722,7 @@ fn hb_7_11_idle_timeout_closes_a_silent_logged_in_client() {
 #[test]
 fn hb_7_11_trickling_a_partial_frame_does_not_count_as_activity() {
     let idle = Duration::from_millis(1000);
-    let server = start_with(|c| {
-        c.idle_timeout = idle;
-        c.auth_timeout = Duration::from_secs(30);
-    });
+    let server = idle_server(idle);
     let mut client = server.user("trickler");
     let bytes = request_frame(
         &Request::Send {
@@ -730,10 +763,7 @@ fn hb_7_11_trickling_a_partial_frame_does_not_count_as_activity() {
 #[test]
 fn hb_7_11_pinging_client_is_not_idle() {
     let idle = Duration::from_millis(1000);
-    let server = start_with(|c| {
-        c.idle_timeout = idle;
-        c.auth_timeout = Duration::from_secs(30);
-    });
+    let server = idle_server(idle);
     let mut client = server.user("chatty");
     let start = Instant::now();
     while start.elapsed() < idle * 3 {
@@ -798,17 +828,7 @@ fn hb_8_max_connections_refuses_with_server_full() {
     }
 
     let mut fourth = Raw::connect(server.addr);
-    let (header, packet) = fourth.frame();
-    assert_eq!(
-        header.kind,
-        kind::ERROR,
-        "no Hello for a refused connection"
-    );
-    match packet {
-        Packet::Error { code, .. } => assert_eq!(code, code::SERVER_FULL),
-        other => panic!("expected SERVER_FULL, got {other:?}"),
-    }
-    fourth.expect_eof();
+    fourth.expect_refused(code::SERVER_FULL);
     assert_eq!(
         code_of(Client::connect(server.addr)),
         code::SERVER_FULL,
@@ -821,17 +841,9 @@ fn hb_8_max_connections_refuses_with_server_full() {
     }
 
     drop(clients.pop());
-    let mut admitted = None;
+    let admitted = connect_eventually(server.addr, Duration::from_secs(5));
     assert!(
-        eventually(Duration::from_secs(5), || {
-            match Client::connect(server.addr) {
-                Ok(c) => {
-                    admitted = Some(c);
-                    true
-                }
-                Err(_) => false,
-            }
-        }),
+        admitted.is_some(),
         "a connection is accepted again after one closed"
     );
     admitted.unwrap().ping().unwrap();
@@ -866,32 +878,14 @@ fn hb_8_max_per_ip_refuses_with_too_many_from_address() {
     let mut second = server.connect();
 
     let mut third = Raw::connect(server.addr);
-    let (header, packet) = third.frame();
-    assert_eq!(
-        header.kind,
-        kind::ERROR,
-        "no Hello for a refused connection"
-    );
-    match packet {
-        Packet::Error { code, .. } => assert_eq!(code, code::TOO_MANY_FROM_ADDRESS),
-        other => panic!("expected TOO_MANY_FROM_ADDRESS, got {other:?}"),
-    }
-    third.expect_eof();
+    third.expect_refused(code::TOO_MANY_FROM_ADDRESS);
     first.ping().unwrap();
     second.ping().unwrap();
 
     drop(first);
-    let mut admitted = None;
+    let admitted = connect_eventually(server.addr, Duration::from_secs(5));
     assert!(
-        eventually(Duration::from_secs(5), || {
-            match Client::connect(server.addr) {
-                Ok(c) => {
-                    admitted = Some(c);
-                    true
-                }
-                Err(_) => false,
-            }
-        }),
+        admitted.is_some(),
         "the address may connect again after one of its connections closed"
     );
     admitted.unwrap().ping().unwrap();
@@ -996,10 +990,7 @@ fn hb_2_7_request_id_zero_gets_malformed_and_connection_stays() {
     raw.send(&ping(0));
     raw.expect_error_and_alive(0, code::MALFORMED, 5);
 
-    let register = Request::Register {
-        username: "zero_user".into(),
-        password: PASSWORD.into(),
-    };
+    let register = register_request("zero_user");
     raw.send(&request_frame(&register, 0));
     raw.expect_error_and_alive(0, code::MALFORMED, 6);
 
@@ -1043,13 +1034,7 @@ fn hb_2_6_peer_vanishing_mid_frame_does_not_disturb_others() {
     let mut steady = server.connect();
     steady.ping().unwrap();
 
-    let half = request_frame(
-        &Request::Register {
-            username: "ghost".into(),
-            password: PASSWORD.into(),
-        },
-        9,
-    );
+    let half = request_frame(&register_request("ghost"), 9);
     let half = &half[..half.len() / 2];
 
     let mut resetter = Raw::connect(server.addr);
