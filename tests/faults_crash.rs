@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tempfile::TempDir;
 
 /// How long any one reply or push may take, even on a slow, busy machine.
 const WAIT: Duration = Duration::from_secs(20);
@@ -86,6 +88,18 @@ fn start_server(db: &Path) -> ServerProcess {
         .args(["--send-rate", "1000000", "--send-burst", "1000000"])
         .keep_lines(300)
         .start()
+}
+
+/// SIGKILL; no line of its stderr may say "panicked".
+fn kill_checked(server: &mut ServerProcess) {
+    server.kill();
+    server.assert_no_panics();
+}
+
+/// The end of a test: SIGKILL, no panic in its stderr, and the database passes its integrity check.
+fn finish(server: &mut ServerProcess, db: &Path) {
+    kill_checked(server);
+    integrity_check(db);
 }
 
 /// What the database holds for one sender, read with SQLite directly while no server runs: client id → (message
@@ -212,6 +226,13 @@ fn read_until_caught_up(c: &mut Client, who: &str) -> (Vec<Got>, u64) {
             Err(e) => panic!("{who} catching up, after {} messages: {e}", got.len()),
         }
     }
+}
+
+/// `user`'s whole feed from the store: a new device ("after", last seen 0) reads until CaughtUp, then leaves.
+fn feed_of(server: &ServerProcess, user: &str) -> Vec<Got> {
+    let (mut c, _) = server.login(user, "after", 0);
+    let (got, _) = read_until_caught_up(&mut c, user);
+    got
 }
 
 /// What a reader of the feed learned, checked against what was sent.
@@ -411,6 +432,36 @@ fn pump(
     end
 }
 
+/// `pump` over a fixed list: the messages `which` (indexes into `sends`), in order.
+fn pump_list(
+    c: &mut Client,
+    sends: &mut Vec<Sent>,
+    which: impl IntoIterator<Item = usize>,
+    window: usize,
+    stop: &dyn Fn() -> bool,
+    acked: &AtomicUsize,
+) -> PumpEnd {
+    let mut queue = which.into_iter();
+    pump(c, sends, &mut |_| queue.next(), window, stop, acked)
+}
+
+/// `pump_list` until every one is answered (or the connection fails).
+fn pump_all(
+    c: &mut Client,
+    sends: &mut Vec<Sent>,
+    which: impl IntoIterator<Item = usize>,
+    window: usize,
+) -> PumpEnd {
+    pump_list(c, sends, which, window, &|| false, &AtomicUsize::new(0))
+}
+
+/// The indexes of the messages without an Ack.
+fn unacked(sends: &[Sent]) -> Vec<usize> {
+    (0..sends.len())
+        .filter(|&i| sends[i].acked.is_none())
+        .collect()
+}
+
 /// What a listening connection heard until it closed.
 #[derive(Debug, Default)]
 struct Heard {
@@ -448,6 +499,12 @@ fn listen(mut c: Client, stop: Arc<AtomicBool>) -> Heard {
         }
     }
     heard
+}
+
+/// `listen` on a thread of its own, until `stop` is set.
+fn spawn_listener(c: Client, stop: &Arc<AtomicBool>) -> JoinHandle<Heard> {
+    let stop = Arc::clone(stop);
+    std::thread::spawn(move || listen(c, stop))
 }
 
 fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) {
@@ -547,6 +604,21 @@ fn s1_sender_thread(mut c: Client, run: SenderRun) -> (Vec<Sent>, PumpEnd) {
     (mine, end)
 }
 
+/// Logs `sender{i}` in and runs `s1_sender_thread` on a thread of its own.
+fn spawn_sender(server: &ServerProcess, run: SenderRun) -> JoinHandle<(Vec<Sent>, PumpEnd)> {
+    let (c, _) = server.login(&s1_sender(run.i), "load", NO_CATCH_UP);
+    std::thread::spawn(move || s1_sender_thread(c, run))
+}
+
+/// No message of `sends` was refused.
+fn assert_none_refused(sends: &[Sent]) {
+    for s in sends {
+        if let Some((code, text)) = &s.refused {
+            panic!("{} #{} refused: {code} {text}", s.sender, s.cmid);
+        }
+    }
+}
+
 fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
     let _serial = one_at_a_time();
     let started = Instant::now();
@@ -570,27 +642,20 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
         let phone_last = phone_got.last().map_or(0, |g| g.id);
         let (phone, _) = server.login(&phone_owner, "phone", phone_last);
         let phone_stop = Arc::new(AtomicBool::new(false));
-        let phone_thread = {
-            let stop = Arc::clone(&phone_stop);
-            std::thread::spawn(move || listen(phone, stop))
-        };
+        let phone_thread = spawn_listener(phone, &phone_stop);
         let acked = Arc::new(AtomicUsize::new(0));
         let threads: Vec<_> = (0..senders)
             .map(|i| {
-                let (c, _) = server.login(&s1_sender(i), "load", NO_CATCH_UP);
-                let mine = std::mem::take(&mut sent[i]);
-                let seed = rng.next();
-                let acked = Arc::clone(&acked);
                 let run = SenderRun {
                     i,
                     cycle: cycle + 1,
                     readers,
-                    mine,
-                    seed,
+                    mine: std::mem::take(&mut sent[i]),
+                    seed: rng.next(),
                     cap,
-                    acked,
+                    acked: Arc::clone(&acked),
                 };
-                std::thread::spawn(move || s1_sender_thread(c, run))
+                spawn_sender(&server, run)
             })
             .collect();
         // A random instant, some time after the load got going.
@@ -600,17 +665,12 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
         let delay = Duration::from_millis(rng.between(0, 900));
         std::thread::sleep(delay);
         let acks_at_kill = acked.load(Ordering::SeqCst);
-        server.kill();
-        server.assert_no_panics();
+        kill_checked(&mut server);
         let mut unanswered = 0;
         for (i, t) in threads.into_iter().enumerate() {
             let (mine, end) = t.join().expect("a sender thread panicked");
             unanswered += end.unanswered;
-            for s in &mine {
-                if let Some((code, text)) = &s.refused {
-                    panic!("{} #{} refused: {code} {text}", s.sender, s.cmid);
-                }
-            }
+            assert_none_refused(&mine);
             sent[i] = mine;
         }
         phone_stop.store(true, Ordering::SeqCst);
@@ -626,7 +686,7 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
 
     // After the last restart: every reader (and one sender, whose feed holds its own messages) from 0, the phone
     // from its own last seen id.
-    let server = start_server(&db);
+    let mut server = start_server(&db);
     let all: Vec<Sent> = sent.into_iter().flatten().collect();
     let mut ids = HashMap::new();
     let mut checked = Vec::new();
@@ -650,10 +710,7 @@ fn kill_9_repeatedly(cycles: u64, senders: usize, readers: usize, cap: usize) {
     phone_got.extend(rest);
     let phone = check_feed("reader0", &phone_got, &all, &mut ids);
     drop(c);
-    let mut server = server;
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
 
     let acked_total = all.iter().filter(|s| s.acked.is_some()).count();
     let resent = all.iter().filter(|s| s.attempts > 1).count();
@@ -767,12 +824,11 @@ fn kill_during_backlog(backlog: usize) {
     );
     let highest = got.last().unwrap().id;
     let confirmed = confirmed.unwrap();
-    server.kill();
-    server.assert_no_panics();
+    kill_checked(&mut server);
     drop(c);
 
     // After the restart the reader resumes from the highest id it saw.
-    let server = start_server(&db);
+    let mut server = start_server(&db);
     let (mut c, info) = server.login("reader", "laptop", highest);
     assert_eq!(
         info.delivered_cursor, confirmed,
@@ -806,10 +862,7 @@ fn kill_during_backlog(backlog: usize) {
         "last seen 0 resumes after the delivered cursor"
     );
     drop((c, c2));
-    let mut server = server;
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
     println!(
         "backlog {backlog} fed in {fed_in:?}; killed after {part} read (confirmed up to id {confirmed}, highest \
          seen {highest}); {rest_len} after the restart; {:?} in all",
@@ -858,22 +911,17 @@ fn kill_during_resend(n: usize) {
             Sent::new("writer", to, cmid, text)
         })
         .collect();
-    let unacked = |sends: &[Sent]| -> Vec<usize> {
-        (0..sends.len())
-            .filter(|&i| sends[i].acked.is_none())
-            .collect()
-    };
 
     // Round A: everything pipelined; after some acks the connection is dropped: the acks in flight are lost.
     let lose_after = rng.between(n as u64 / 5, 3 * n as u64 / 5) as usize;
     let acked = AtomicUsize::new(0);
     let mut c = server.connect();
     c.login("writer", PASSWORD, "desk", NO_CATCH_UP).unwrap();
-    let mut queue = unacked(&sends).into_iter();
-    let end = pump(
+    let queue = unacked(&sends);
+    let end = pump_list(
         &mut c,
         &mut sends,
-        &mut |_| queue.next(),
+        queue,
         64,
         &|| acked.load(Ordering::SeqCst) >= lose_after,
         &acked,
@@ -888,18 +936,16 @@ fn kill_during_resend(n: usize) {
     let acked_b = AtomicUsize::new(0);
     let mut c = server.connect();
     c.login("writer", PASSWORD, "desk", NO_CATCH_UP).unwrap();
-    let mut queue = pending.clone().into_iter();
-    let end = pump(
+    let end = pump_list(
         &mut c,
         &mut sends,
-        &mut |_| queue.next(),
+        pending.clone(),
         64,
         &|| acked_b.load(Ordering::SeqCst) >= kill_after,
         &acked_b,
     );
     assert!(end.error.is_none(), "round B: {end:?}");
-    server.kill();
-    server.assert_no_panics();
+    kill_checked(&mut server);
     drop(c);
     let after_b = acked_b.load(Ordering::SeqCst);
 
@@ -925,16 +971,7 @@ fn kill_during_resend(n: usize) {
     let pending = unacked(&sends);
     let mut c = server.connect();
     c.login("writer", PASSWORD, "desk", NO_CATCH_UP).unwrap();
-    let mut queue = pending.clone().into_iter();
-    let acked_c = AtomicUsize::new(0);
-    let end = pump(
-        &mut c,
-        &mut sends,
-        &mut |_| queue.next(),
-        64,
-        &|| false,
-        &acked_c,
-    );
+    let end = pump_all(&mut c, &mut sends, pending.clone(), 64);
     assert!(end.error.is_none(), "round C: {end:?}");
     for &i in &pending {
         let s = &sends[i];
@@ -973,16 +1010,12 @@ fn kill_during_resend(n: usize) {
     drop(c);
 
     // The recipient gets each message exactly once, under the id its (last) Ack named.
-    let (mut t, _) = server.login("target", "after", 0);
-    let (got, _) = read_until_caught_up(&mut t, "target");
+    let got = feed_of(&server, "target");
     let mut ids = HashMap::new();
     let check = check_feed("target", &got, &sends, &mut ids);
     assert_eq!(got.len(), n, "each message exactly once");
     assert_eq!(check.unacked_present, 0);
-    drop(t);
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
     println!(
         "{n} sends: {after_a} acked before the connection was dropped; {} resent, {after_b} acked before the \
          SIGKILL; {} committed without an Ack at the kill; {} resent after the restart; {:?}",
@@ -1047,15 +1080,8 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
             )
         })
         .collect();
-    let mut queue = 0..backlog.len();
-    let end = pump(
-        &mut c,
-        &mut backlog,
-        &mut |_| queue.next(),
-        64,
-        &|| false,
-        &AtomicUsize::new(0),
-    );
+    let queue = 0..backlog.len();
+    let end = pump_all(&mut c, &mut backlog, queue, 64);
     assert!(end.error.is_none() && backlog.iter().all(|s| s.acked.is_some()));
     drop(c);
 
@@ -1064,8 +1090,7 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let mut listeners = Vec::new();
     for name in &reader_names {
         let (c, _) = server.login(name, "live", NO_CATCH_UP);
-        let stop = Arc::clone(&stop);
-        listeners.push((name.clone(), std::thread::spawn(move || listen(c, stop))));
+        listeners.push((name.clone(), spawn_listener(c, &stop)));
     }
     // The catcher reads its backlog slowly, through a small socket window.
     let mut catcher = connect_small_window(server.addr);
@@ -1094,26 +1119,20 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
         }
     });
     let anonymous = server.connect();
-    listeners.push(("(not logged in)".into(), {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || listen(anonymous, stop))
-    }));
+    listeners.push(("(not logged in)".into(), spawn_listener(anonymous, &stop)));
     let acked = Arc::new(AtomicUsize::new(0));
     let senders: Vec<_> = (0..SENDERS)
         .map(|i| {
-            let (c, _) = server.login(&s1_sender(i), "load", NO_CATCH_UP);
-            let seed = rng.next();
-            let acked = Arc::clone(&acked);
             let run = SenderRun {
                 i,
                 cycle: 1,
                 readers: READERS,
                 mine: Vec::new(),
-                seed,
+                seed: rng.next(),
                 cap: 50_000,
-                acked,
+                acked: Arc::clone(&acked),
             };
-            std::thread::spawn(move || s1_sender_thread(c, run))
+            spawn_sender(&server, run)
         })
         .collect();
     wait_until("load", Duration::from_secs(30), || {
@@ -1142,11 +1161,7 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let mut missing_shutdown = Vec::new();
     for (i, t) in senders.into_iter().enumerate() {
         let (mine, end) = t.join().expect("a sender thread panicked");
-        for s in &mine {
-            if let Some((code, text)) = &s.refused {
-                panic!("{} #{} refused: {code} {text}", s.sender, s.cmid);
-            }
-        }
+        assert_none_refused(&mine);
         if !end.saw_shutdown {
             missing_shutdown.push(format!("{} (ended by {:?})", s1_sender(i), end.error));
         }
@@ -1185,13 +1200,9 @@ fn sigterm_under_load_tells_everyone_and_keeps_every_ack() {
     let mut ids = HashMap::new();
     sent.extend(backlog.iter().cloned());
     for name in reader_names.iter().chain(&sender_names[..1]) {
-        let (mut c, _) = server.login(name, "after", 0);
-        let (got, _) = read_until_caught_up(&mut c, name);
-        check_feed(name, &got, &sent, &mut ids);
+        check_feed(name, &feed_of(&server, name), &sent, &mut ids);
     }
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
     println!(
         "SIGTERM at {acks_at_term} acks: exit 0 after {took:?}; {} sends (backlog included), {} acked, {} \
          stored; {live_got} live deliveries; the catcher got {} of its {} before the Shutdown push and {} after it; {:?} in all",
@@ -1402,29 +1413,45 @@ fn assert_refusals_are_server_errors(sends: &[Sent]) {
     }
 }
 
-fn disk_full(method: Option<&str>) {
-    let _serial = one_at_a_time();
-    let started = Instant::now();
+/// The start of a disk-full test: a database on a disk of `size` that can be filled (see `DiskLimit::choose`),
+/// a server on it, `users` registered, and the room "vault" of "sink" that "filler" joined. None (after saying
+/// why) when the disk cannot be filled here: the test passes as skipped. Bind the result in this order, so that
+/// the server stops before the disk limit goes and the limit goes before the directory:
+/// `let Some((_dir, limit, db, mut server)) = full_disk_setup(..) else { return };`
+fn full_disk_setup(
+    test: &str,
+    size: &str,
+    method: Option<&str>,
+    users: &[&str],
+) -> Option<(TempDir, DiskLimit, PathBuf, ServerProcess)> {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     // Preference: a small tmpfs; else RLIMIT_FSIZE through prlimit; else skip.
-    let limit = match DiskLimit::choose(&mnt, "4m", method) {
+    let limit = match DiskLimit::choose(&mnt, size, method) {
         Ok(limit) => limit,
         Err(why_not) => {
-            eprintln!("SKIPPED disk_full: no way to fill the disk here: {why_not:?}");
-            return;
+            eprintln!("SKIPPED {test}: no way to fill the disk here: {why_not:?}");
+            return None;
         }
     };
     let db = mnt.join("hubbub.db");
-    let mut server = start_server(&db);
-    server.register_all(&["filler", "sink"]);
+    let server = start_server(&db);
+    server.register_all(users);
     make_room(&server, "vault", "sink", &["filler".into()]);
+    Some((dir, limit, db, server))
+}
+
+fn disk_full(method: Option<&str>) {
+    let _serial = one_at_a_time();
+    let started = Instant::now();
+    let Some((_dir, limit, db, mut server)) =
+        full_disk_setup("disk_full", "4m", method, &["filler", "sink"])
+    else {
+        return;
+    };
     let (sink, _) = server.login("sink", "live", NO_CATCH_UP);
     let sink_stop = Arc::new(AtomicBool::new(false));
-    let sink_thread = {
-        let stop = Arc::clone(&sink_stop);
-        std::thread::spawn(move || listen(sink, stop))
-    };
+    let sink_thread = spawn_listener(sink, &sink_stop);
     let (mut c, _) = server.login("filler", "load", NO_CATCH_UP);
     let method_name = limit.squeeze(&server, &db, 1024 * 1024);
 
@@ -1537,18 +1564,14 @@ fn disk_full(method: Option<&str>) {
     );
     server.assert_no_panics();
     let mut server = start_server(&db);
-    let (mut s, _) = server.login("sink", "after", 0);
-    let (got, _) = read_until_caught_up(&mut s, "sink");
+    let got = feed_of(&server, "sink");
     let check = check_feed("sink", &got, &sends, &mut ids);
     assert_eq!(
         check.unacked_present, 0,
         "every message was acked in the end"
     );
     assert_eq!(got.len(), sends.len());
-    drop(s);
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
     drop(server);
     drop(limit);
     println!(
@@ -1565,19 +1588,11 @@ fn disk_full(method: Option<&str>) {
 fn kill_9_while_full(method: Option<&str>) {
     let _serial = one_at_a_time();
     let started = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    let limit = match DiskLimit::choose(&mnt, "4m", method) {
-        Ok(limit) => limit,
-        Err(why_not) => {
-            eprintln!("SKIPPED kill_9_while_full: no way to fill the disk here: {why_not:?}");
-            return;
-        }
+    let Some((_dir, limit, db, mut server)) =
+        full_disk_setup("kill_9_while_full", "4m", method, &["filler", "sink"])
+    else {
+        return;
     };
-    let db = mnt.join("hubbub.db");
-    let mut server = start_server(&db);
-    server.register_all(&["filler", "sink"]);
-    make_room(&server, "vault", "sink", &["filler".into()]);
     let (mut c, _) = server.login("filler", "load", NO_CATCH_UP);
     let method_name = limit.squeeze(&server, &db, 1024 * 1024);
     // Fill until 20 refusals, then SIGKILL with sends in flight while the disk is still full.
@@ -1596,8 +1611,7 @@ fn kill_9_while_full(method: Option<&str>) {
         c.send_request(&s.request()).unwrap();
         sends.push(s);
     }
-    server.kill();
-    server.assert_no_panics();
+    kill_checked(&mut server);
     drop(c);
     let acked_before = sends.iter().filter(|s| s.acked.is_some()).count();
 
@@ -1620,19 +1634,8 @@ fn kill_9_while_full(method: Option<&str>) {
     // Space returns: the filler logs in and resends everything without an Ack.
     limit.release(&server);
     let (mut c, _) = server.login("filler", "load", NO_CATCH_UP);
-    let pending: Vec<usize> = (0..sends.len())
-        .filter(|&i| sends[i].acked.is_none())
-        .collect();
-    let mut queue = pending.clone().into_iter();
-    let acked = AtomicUsize::new(0);
-    let end = pump(
-        &mut c,
-        &mut sends,
-        &mut |_| queue.next(),
-        8,
-        &|| false,
-        &acked,
-    );
+    let pending = unacked(&sends);
+    let end = pump_all(&mut c, &mut sends, pending.clone(), 8);
     assert!(end.error.is_none(), "resending: {end:?}");
     for &i in &pending {
         assert!(
@@ -1643,16 +1646,12 @@ fn kill_9_while_full(method: Option<&str>) {
         );
     }
     drop(c);
-    let (mut s, _) = server.login("sink", "after", 0);
-    let (got, _) = read_until_caught_up(&mut s, "sink");
+    let got = feed_of(&server, "sink");
     let mut ids = HashMap::new();
     let check = check_feed("sink", &got, &sends, &mut ids);
     assert_eq!(check.unacked_present, 0);
     assert_eq!(got.len(), sends.len(), "every message exactly once");
-    drop(s);
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
     drop(server);
     drop(limit);
     println!(
@@ -1678,19 +1677,14 @@ const FULL_BACKLOG: usize = 800;
 fn catch_up_while_full(method: Option<&str>) {
     let _serial = one_at_a_time();
     let started = Instant::now();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    let limit = match DiskLimit::choose(&mnt, "6m", method) {
-        Ok(limit) => limit,
-        Err(why_not) => {
-            eprintln!("SKIPPED catch_up_while_full: no way to fill the disk here: {why_not:?}");
-            return;
-        }
+    let Some((_dir, limit, db, mut server)) = full_disk_setup(
+        "catch_up_while_full",
+        "6m",
+        method,
+        &["filler", "sink", "reader"],
+    ) else {
+        return;
     };
-    let db = mnt.join("hubbub.db");
-    let mut server = start_server(&db);
-    server.register_all(&["filler", "sink", "reader"]);
-    make_room(&server, "vault", "sink", &["filler".into()]);
 
     // The reader's backlog, all acknowledged.
     let (mut c, _) = server.login("filler", "load", NO_CATCH_UP);
@@ -1704,16 +1698,7 @@ fn catch_up_while_full(method: Option<&str>) {
             )
         })
         .collect();
-    let mut queue = 0..FULL_BACKLOG;
-    let acked = AtomicUsize::new(0);
-    let end = pump(
-        &mut c,
-        &mut backlog,
-        &mut |_| queue.next(),
-        32,
-        &|| false,
-        &acked,
-    );
+    let end = pump_all(&mut c, &mut backlog, 0..FULL_BACKLOG, 32);
     assert!(end.error.is_none() && backlog.iter().all(|s| s.acked.is_some()));
     let method_name = limit.squeeze(&server, &db, 1024 * 1024);
 
@@ -1776,9 +1761,7 @@ fn catch_up_while_full(method: Option<&str>) {
     check_feed("reader", &got, &backlog, &mut ids);
     assert_eq!(got.len(), FULL_BACKLOG, "the whole backlog, once");
     drop(c);
-    server.kill();
-    server.assert_no_panics();
-    integrity_check(&db);
+    finish(&mut server, &db);
     drop(server);
     drop(limit);
     println!(
