@@ -7,7 +7,7 @@
 //! Must not: read files other than the command line and environment, or hold runtime state.
 
 use crate::auth::HashParams;
-use crate::store::SyncMode;
+use crate::store::{IndexSettings, SyncMode};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,6 +38,8 @@ pub struct Config {
     pub store_queue: usize,
     /// Most jobs the store commits in one transaction (group commit).
     pub commit_batch: usize,
+    /// How the message index keeps up with the messages stored (batch, delay, most lag).
+    pub index: IndexSettings,
     /// Threads that hash passwords.
     pub hash_threads: usize,
     /// Most password hashes waiting; past it Login and Register answer "server busy" at once.
@@ -95,6 +97,7 @@ impl Default for Config {
             auth_timeout: Duration::from_secs(10),
             store_queue: 4096,
             commit_batch: 1024,
+            index: IndexSettings::default(),
             hash_threads: 2,
             hash_queue: 256,
             hash_params: HashParams::PRODUCTION,
@@ -251,6 +254,15 @@ struct Cli {
     /// Most jobs the store commits in one transaction.
     #[arg(long, env = "HUBBUB_COMMIT_BATCH", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     commit_batch: u64,
+    /// Most messages the index thread adds to the message index in one transaction.
+    #[arg(long, env = "HUBBUB_INDEX_BATCH", default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    index_batch: u64,
+    /// How long fewer than --index-batch new messages wait for more before they are indexed.
+    #[arg(long, env = "HUBBUB_INDEX_DELAY", default_value = "100ms", value_parser = parse_duration)]
+    index_delay: Duration,
+    /// Most stored messages the message index may lack before the store waits for it.
+    #[arg(long, env = "HUBBUB_INDEX_MAX_LAG", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    index_max_lag: u64,
     /// Threads that hash passwords.
     #[arg(long, env = "HUBBUB_HASH_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
     hash_threads: u64,
@@ -336,6 +348,11 @@ impl Cli {
             auth_timeout: self.auth_timeout,
             store_queue: self.store_queue as usize,
             commit_batch: self.commit_batch as usize,
+            index: IndexSettings {
+                batch: self.index_batch as usize,
+                delay: self.index_delay,
+                max_lag: self.index_max_lag,
+            },
             hash_threads: self.hash_threads as usize,
             hash_queue: self.hash_queue as usize,
             hash_params: HashParams {
@@ -428,10 +445,28 @@ mod tests {
             "normal",
             "--max-per-ip",
             "3",
+            "--index-batch",
+            "1",
+            "--index-delay",
+            "0ms",
+            "--index-max-lag",
+            "1",
         ])
         .unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.sync, SyncMode::Normal);
         assert_eq!(c.max_per_ip, 3);
+        assert_eq!(
+            c.index,
+            IndexSettings {
+                batch: 1,
+                delay: Duration::ZERO,
+                max_lag: 1,
+            }
+        );
+        for bad in [["--index-batch", "0"], ["--index-max-lag", "0"]] {
+            let error = Config::try_from_args(["hubbub", bad[0], bad[1]]).unwrap_err();
+            assert!(error.to_string().contains(bad[0]), "{error}");
+        }
     }
 }

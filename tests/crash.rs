@@ -337,3 +337,71 @@ fn hb_5_1_sigterm_mid_load_exits_cleanly_and_keeps_every_ack() {
     drop(restarted);
     integrity_check(&db);
 }
+
+/// Reads the message index's mark straight from its file (`<db>-index`, see README "Storage").
+fn index_mark(db: &Path) -> u64 {
+    let index = hubbub::store::index_path(db);
+    let conn = rusqlite::Connection::open(&index).unwrap();
+    conn.query_row("SELECT indexed_up_to FROM state", [], |row| row.get(0))
+        .unwrap()
+}
+
+/// The message index trails the messages on purpose ([HB-5.3]); a kill before it caught up loses nothing. The
+/// next start indexes what it lacked, and the catch-up feed, history, the account's newest id and delivery
+/// receipts all see every acknowledged message exactly once.
+#[test]
+fn hb_5_3_a_kill_before_the_message_index_caught_up_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hubbub.db");
+    let mut server = ServerProcess::launch(&db)
+        .args(["--index-batch", "1000000", "--index-delay", "1h"])
+        .args(["--send-rate", "1000000", "--send-burst", "1000000"])
+        .start();
+    server.register_all(&["alice", "bob"]);
+    let (mut alice, _) = server.login("alice", "laptop", 0);
+    let acked: Vec<u64> = (1..=40)
+        .map(|n| {
+            alice
+                .send_message("bob", n, &format!("note {n}"))
+                .unwrap()
+                .0
+        })
+        .collect();
+    server.kill();
+    assert_eq!(index_mark(&db), 0, "nothing was indexed before the kill");
+    integrity_check(&db);
+
+    let server = start_server(&db);
+    assert_eq!(
+        index_mark(&db),
+        acked[39],
+        "the start indexed every message"
+    );
+    let (mut bob, info) = server.login("bob", "phone", 0);
+    assert_eq!(info.max_message_id, acked[39]);
+    let mut fed = Vec::new();
+    loop {
+        match bob.next_push(WAIT).unwrap() {
+            Packet::Deliver(m) => fed.push(m.id),
+            Packet::CaughtUp { .. } => break,
+            _ => {}
+        }
+    }
+    assert_eq!(fed, acked, "the feed: every acked message once, in order");
+    let (page, more) = bob.history("alice", 0, 100).unwrap();
+    let mut newest_first = acked.clone();
+    newest_first.reverse();
+    assert_eq!(page.iter().map(|m| m.id).collect::<Vec<_>>(), newest_first);
+    assert!(!more);
+    let (mut alice, _) = server.login("alice", "laptop", acked[39]);
+    bob.received(acked[39]).unwrap();
+    loop {
+        match alice.next_push(WAIT).unwrap() {
+            Packet::DeliveryReceipt { peer, up_to } => {
+                assert_eq!((peer.as_str(), up_to), ("bob", acked[39]));
+                break;
+            }
+            _ => continue,
+        }
+    }
+}

@@ -1792,7 +1792,7 @@ fn catch_up_while_full(method: Option<&str>) {
 // Error push — an Error of code 100 or more only ever answers a request, with its request id.
 //
 // BUG (src/reactor/completions.rs, `Reactor::on_store_done`, the `Outcome::Failed` branch): the store fails every
-// job of a batch whose COMMIT fails (store.rs `run_batch`/`commit`, rightly: a read in that transaction may have
+// job of a batch whose COMMIT fails (store/mod.rs `run_batch`/`commit`, rightly: a read in that transaction may have
 // seen the batch's uncommitted writes), so a feed page (FetchFeed, ticket request id 0 = `FEED`) batched with
 // writes on a full disk comes back Failed; `on_store_done` then calls `self.fail(slot, 0, SERVER_ERROR, ..)`,
 // which pushes Error 110 with request id 0 to a client that asked nothing ([HB-6.2] allows request id 0 only for

@@ -204,6 +204,7 @@ impl Server {
             sync: config.sync,
             queue_capacity: config.store_queue,
             max_batch: config.commit_batch,
+            index: config.index,
         };
         let (store, store_done) =
             StoreHandle::start(store_config, Arc::clone(&wake)).map_err(StartError::Store)?;

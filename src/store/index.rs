@@ -1,0 +1,534 @@
+//! The message index: where each direct message is found by sender, by recipient and by
+//! conversation. It lives in a second SQLite file beside the database (`<db>-index`) and is kept
+//! up to date by its own thread, "hubbub-index".
+//!
+//! Why a second file and a second thread: a direct message is one row appended to `messages`, but
+//! every read index is keyed by user, so with many people talking each new row lands on another
+//! page of each index. Kept inside the commit that acknowledges the message, three such indexes
+//! made each message write about five scattered pages to the WAL instead of two, and that was
+//! most of the send→deliver latency under load. Here the same entries are added later, many
+//! messages at a time and sorted by key, so one page takes many entries; and on a file of their
+//! own, so the store thread's commits never wait for this thread's.
+//!
+//! What it owns: the index file's schema; the mark `indexed_up_to` (every message with an id at
+//! or below it is indexed, none above it is, and both change in one transaction); the startup
+//! check that throws away an index that does not belong to its database; the catch-up that indexes
+//! whatever a crash, a deleted file or an older hubbub left unindexed; the indexer thread and its
+//! pacing ([`IndexSettings`]).
+//!
+//! What it must not do: hold the only copy of anything. Everything here is derived from
+//! `messages` and may be deleted while the server is stopped; the next start rebuilds it. It never
+//! writes the message database. Readers never wait for it either: the store reads the index up to
+//! the mark and the few rows above the mark straight from `messages` (the newest rowids, one short
+//! range; see `INDEXED_UP_TO` in the store). How far the index may fall behind is bounded by
+//! [`IndexSettings::max_lag`], so that range stays short.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{StoreError, BUSY_TIMEOUT};
+
+/// The name the store's connection attaches the index file under.
+pub(super) const SCHEMA: &str = "idx";
+
+/// The index file's layout version (`PRAGMA user_version`). An index of another version is
+/// rebuilt, never migrated: it is derived data, and rebuilding is the one path that is always right.
+const INDEX_VERSION: i32 = 1;
+
+/// One table per way of reading, each clustered on its key (WITHOUT ROWID), so a read is one range.
+const INDEX_SCHEMA: &str = "
+    -- instance: the database this index was derived from (its `instance` row).
+    CREATE TABLE state (
+        instance      BLOB    NOT NULL,
+        indexed_up_to INTEGER NOT NULL
+    );
+    -- A user's feed and newest id: what they sent and what they received (sender kept to leave
+    -- out notes to oneself, which `sent` already has, and for delivery receipts).
+    CREATE TABLE sent (
+        sender_id INTEGER NOT NULL,
+        id        INTEGER NOT NULL,
+        PRIMARY KEY (sender_id, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE received (
+        recipient_id INTEGER NOT NULL,
+        id           INTEGER NOT NULL,
+        sender_id    INTEGER NOT NULL,
+        PRIMARY KEY (recipient_id, id)
+    ) WITHOUT ROWID;
+    -- History: one direction of a conversation, walked backwards from a cursor.
+    CREATE TABLE pairs (
+        sender_id    INTEGER NOT NULL,
+        recipient_id INTEGER NOT NULL,
+        id           INTEGER NOT NULL,
+        PRIMARY KEY (sender_id, recipient_id, id)
+    ) WITHOUT ROWID;
+";
+
+/// Most rows one catch-up transaction indexes at startup, so the log shows progress on a large
+/// database and a transaction's memory stays bounded.
+const CATCH_UP_ROWS: usize = 65_536;
+
+/// How long the store thread waits for the indexer to come back under `max_lag` before it goes on
+/// anyway: reads then scan a longer range until the indexer catches up, but a failing index (a
+/// full disk) never stops messages from being stored.
+const LAG_WAIT: Duration = Duration::from_secs(1);
+
+/// Pause after a failed indexing transaction before trying again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// How the indexer paces itself (`--index-batch`, `--index-delay-ms`, `--index-max-lag`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexSettings {
+    /// Most messages indexed in one transaction; a full batch is indexed without waiting.
+    pub batch: usize,
+    /// How long fewer than `batch` new messages wait for more before they are indexed anyway.
+    pub delay: Duration,
+    /// Most stored messages the index may lack before the store thread waits for it.
+    pub max_lag: u64,
+}
+
+impl Default for IndexSettings {
+    fn default() -> Self {
+        IndexSettings {
+            batch: 16_384,
+            delay: Duration::from_millis(100),
+            max_lag: 65_536,
+        }
+    }
+}
+
+/// `<db>-index`, beside SQLite's own `<db>-wal` and `<db>-shm`.
+pub fn index_path(db_path: &Path) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push("-index");
+    PathBuf::from(name)
+}
+
+/// The index file's path as SQL text, for ATTACH.
+fn sql_path(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("{} is not valid UTF-8", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening: check, rebuild if needed, catch up
+
+/// Makes the index file ready for `db` (the store's connection, migrated): keeps it if it belongs
+/// to this database, rebuilds it otherwise, indexes every message it lacks, and attaches it to
+/// `db` as [`SCHEMA`]. Runs at startup, before anyone is served.
+///
+/// An index that is sound but cannot catch up (a full disk) is no reason to refuse to start:
+/// reads are right at any mark, only slower, and the indexer thread tries again.
+pub(super) fn prepare(db: &Connection, db_path: &Path) -> Result<(), StoreError> {
+    let open_error =
+        |e: String| StoreError::Open(format!("message index for {}: {e}", db_path.display()));
+    let mut writer = match IndexWriter::open_checked(db, db_path) {
+        Ok(writer) => writer,
+        Err(why) => {
+            log::warn!(
+                "message index {}: {why}; rebuilding it",
+                index_path(db_path).display()
+            );
+            remove_index_files(db_path).map_err(open_error)?;
+            IndexWriter::open_checked(db, db_path).map_err(open_error)?
+        }
+    };
+    if let Err(e) = writer.catch_up() {
+        log::warn!("message index: cannot catch up now ({e}); the index thread will try again");
+    }
+    let path = index_path(db_path);
+    db.execute(
+        &format!("ATTACH DATABASE ?1 AS {SCHEMA}"),
+        [sql_path(&path).map_err(open_error)?],
+    )
+    .map_err(|e| open_error(e.to_string()))?;
+    Ok(())
+}
+
+/// Deletes the index and SQLite's files beside it; missing ones are fine.
+fn remove_index_files(db_path: &Path) -> Result<(), String> {
+    let path = index_path(db_path);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::remove_file(&name) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", Path::new(&name).display())),
+        }
+    }
+    Ok(())
+}
+
+/// The database's identity and newest message id, which an index must agree with.
+fn database_identity(db: &Connection) -> rusqlite::Result<(Vec<u8>, i64)> {
+    let instance = db.query_row("SELECT id FROM instance", [], |row| row.get(0))?;
+    let newest = db.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |row| {
+        row.get(0)
+    })?;
+    Ok((instance, newest))
+}
+
+/// A connection to the index file with the message database attached as `log`, read only by
+/// this code. The indexer thread owns one; benchmarks may use one directly.
+#[derive(Debug)]
+pub struct IndexWriter {
+    conn: Connection,
+}
+
+impl IndexWriter {
+    /// Opens the index of the database at `db_path` for writing. The store checks and catches it up at
+    /// startup; this only opens it.
+    pub fn open(db_path: &Path) -> Result<IndexWriter, String> {
+        let path = index_path(db_path);
+        let conn = Connection::open(&path).map_err(|e| e.to_string())?;
+        let writer = IndexWriter { conn };
+        writer.configure(db_path).map_err(|e| e.to_string())?;
+        Ok(writer)
+    }
+
+    /// Opens the index, creating it if it is new, and says why it cannot be trusted if it cannot.
+    fn open_checked(db: &Connection, db_path: &Path) -> Result<IndexWriter, String> {
+        let writer = IndexWriter::open(db_path)?;
+        let (instance, newest) = database_identity(db).map_err(|e| e.to_string())?;
+        let version: i32 = writer
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(|e| e.to_string())?;
+        if version == 0 {
+            writer.create(&instance).map_err(|e| e.to_string())?;
+            return Ok(writer);
+        }
+        if version != INDEX_VERSION {
+            return Err(format!(
+                "made by another hubbub (layout {version}, this one uses {INDEX_VERSION})"
+            ));
+        }
+        let (owner, mark): (Vec<u8>, i64) = writer
+            .conn
+            .query_row("SELECT instance, indexed_up_to FROM state", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .map_err(|e| e.to_string())?;
+        if owner != instance {
+            return Err("it was made for another database".into());
+        }
+        if mark > newest {
+            return Err(format!(
+                "it covers messages up to {mark} but the database ends at {newest} (restored from a backup?)"
+            ));
+        }
+        Ok(writer)
+    }
+
+    fn configure(&self, db_path: &Path) -> rusqlite::Result<()> {
+        let conn = &self.conn;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL, not FULL: in WAL mode a power cut may lose the newest index transactions but never
+        // corrupts the file, and what is lost is re-indexed from `messages` at the next start.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        let path = db_path
+            .to_str()
+            .ok_or_else(|| rusqlite::Error::InvalidPath(db_path.to_path_buf()))?;
+        conn.execute("ATTACH DATABASE ?1 AS log", [path])?;
+        Ok(())
+    }
+
+    fn create(&self, instance: &[u8]) -> rusqlite::Result<()> {
+        self.conn.execute_batch(&format!(
+            "BEGIN; {INDEX_SCHEMA} PRAGMA user_version = {INDEX_VERSION};"
+        ))?;
+        self.conn.execute(
+            "INSERT INTO state (instance, indexed_up_to) VALUES (?1, 0)",
+            [instance],
+        )?;
+        self.conn.execute_batch("COMMIT")
+    }
+
+    /// The newest message id in the database (0 when there is none).
+    fn newest_message(&self) -> rusqlite::Result<u64> {
+        let newest: i64 =
+            self.conn
+                .query_row("SELECT coalesce(max(id), 0) FROM log.messages", [], |row| {
+                    row.get(0)
+                })?;
+        Ok(u64::try_from(newest).unwrap_or(0))
+    }
+
+    /// The mark: every message with an id at or below it is indexed.
+    pub fn indexed_up_to(&self) -> rusqlite::Result<u64> {
+        let mark: i64 = self
+            .conn
+            .query_row("SELECT indexed_up_to FROM state", [], |row| row.get(0))?;
+        Ok(u64::try_from(mark).unwrap_or(0))
+    }
+
+    /// Indexes every message not indexed yet, a transaction per [`CATCH_UP_ROWS`]; returns the mark.
+    fn catch_up(&mut self) -> Result<u64, String> {
+        let started = Instant::now();
+        let before = self.indexed_up_to().map_err(|e| e.to_string())?;
+        let mut mark = before;
+        loop {
+            let next = self.index_next(CATCH_UP_ROWS).map_err(|e| e.to_string())?;
+            if next == mark {
+                break;
+            }
+            mark = next;
+            log::info!("message index: caught up to message {mark}");
+        }
+        if mark > before {
+            log::info!(
+                "message index: indexed messages {}..={mark} in {:.1} s",
+                before + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(mark)
+    }
+
+    /// Indexes up to `max_rows` messages above the mark in one transaction and returns the new
+    /// mark (unchanged when there was nothing to index).
+    ///
+    /// Only committed messages are seen (this is another connection), and ids grow with each
+    /// commit of the one writer, so nothing below the new mark can still appear later. Each table's
+    /// entries go in sorted by its key, so neighbouring entries share pages.
+    pub fn index_next(&mut self, max_rows: usize) -> rusqlite::Result<u64> {
+        // Deferred, never IMMEDIATE: BEGIN IMMEDIATE takes the write lock of every attached database,
+        // the message database included, and the store's commits would wait for this one.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let mark: i64 = tx.query_row("SELECT indexed_up_to FROM state", [], |row| row.get(0))?;
+        let limit = i64::try_from(max_rows.max(1)).unwrap_or(i64::MAX);
+        let upto: Option<i64> = tx
+            .query_row(
+                "SELECT max(id) FROM (SELECT id FROM log.messages WHERE id > ?1 ORDER BY id LIMIT ?2)",
+                params![mark, limit],
+                |row| row.get(0),
+            )
+            .optional()?
+            .flatten();
+        let Some(upto) = upto else {
+            return Ok(u64::try_from(mark).unwrap_or(0));
+        };
+        for insert in [
+            "INSERT INTO sent (sender_id, id)
+             SELECT sender_id, id FROM log.messages
+             WHERE id > ?1 AND id <= ?2 AND room_id IS NULL ORDER BY sender_id, id",
+            "INSERT INTO received (recipient_id, id, sender_id)
+             SELECT recipient_id, id, sender_id FROM log.messages
+             WHERE id > ?1 AND id <= ?2 AND recipient_id IS NOT NULL ORDER BY recipient_id, id",
+            "INSERT INTO pairs (sender_id, recipient_id, id)
+             SELECT sender_id, recipient_id, id FROM log.messages
+             WHERE id > ?1 AND id <= ?2 AND recipient_id IS NOT NULL
+             ORDER BY sender_id, recipient_id, id",
+        ] {
+            tx.prepare_cached(insert)?.execute(params![mark, upto])?;
+        }
+        tx.prepare_cached("UPDATE state SET indexed_up_to = ?1")?
+            .execute([upto])?;
+        tx.commit()?;
+        Ok(u64::try_from(upto).unwrap_or(0))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The indexer thread and its pacing
+
+/// What the store thread and the indexer tell each other, under one mutex: the store thread
+/// touches it once per commit that stored messages, and once per batch while the index lags.
+#[derive(Debug, Default)]
+struct Pace {
+    /// The newest message id the store committed.
+    committed: u64,
+    /// The indexer's mark.
+    indexed: u64,
+    /// The store thread is waiting: index now, without the delay.
+    hurry: bool,
+    /// The last indexing transaction failed; the store thread does not wait for a failing index.
+    failing: bool,
+    stop: bool,
+}
+
+struct Shared {
+    pace: Mutex<Pace>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pace> {
+        // A panic elsewhere cannot leave Pace half-changed in a way that matters: every field is a
+        // plain value both sides re-read.
+        self.pace.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The running indexer, owned by the store thread. Dropping it stops the thread and waits for it
+/// (at most the one transaction it is in).
+pub(super) struct Indexer {
+    shared: Arc<Shared>,
+    settings: IndexSettings,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Indexer {
+    /// Starts "hubbub-index" with its own connection, after [`prepare`].
+    pub(super) fn start(db_path: &Path, settings: IndexSettings) -> Result<Indexer, StoreError> {
+        let open_error =
+            |e: String| StoreError::Open(format!("message index for {}: {e}", db_path.display()));
+        let writer = IndexWriter::open(db_path).map_err(open_error)?;
+        let mark = writer
+            .indexed_up_to()
+            .map_err(|e| open_error(e.to_string()))?;
+        // Above the mark if the catch-up at startup could not finish: then there is work at once.
+        let newest = writer
+            .newest_message()
+            .map_err(|e| open_error(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            pace: Mutex::new(Pace {
+                committed: newest.max(mark),
+                indexed: mark,
+                ..Pace::default()
+            }),
+            changed: Condvar::new(),
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name("hubbub-index".into())
+                .spawn(move || {
+                    // The lowest priority: it takes only what the loop and the store leave, and
+                    // the store waits for it (max_lag) if that is not enough.
+                    crate::lower_thread_priority(19);
+                    run(writer, &shared, settings)
+                })
+                .map_err(|e| StoreError::Spawn(e.to_string()))?
+        };
+        Ok(Indexer {
+            shared,
+            settings,
+            thread: Some(thread),
+        })
+    }
+
+    /// Called by the store thread after a commit that stored messages up to `newest`. Wakes the
+    /// indexer only when there is newly something to do: the first message after a quiet spell,
+    /// or a full batch.
+    pub(super) fn committed(&self, newest: u64) {
+        let mut pace = self.shared.lock();
+        let was_pending = pace.committed.saturating_sub(pace.indexed);
+        pace.committed = pace.committed.max(newest);
+        let pending = pace.committed.saturating_sub(pace.indexed);
+        let batch = self.settings.batch as u64;
+        if was_pending == 0 || (was_pending < batch && pending >= batch) {
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Called by the store thread before each batch: while the index lacks more than `max_lag`
+    /// messages, hurries the indexer and waits for it, at most [`LAG_WAIT`]; not at all while
+    /// indexing fails.
+    pub(super) fn wait_while_behind(&self) {
+        let mut pace = self.shared.lock();
+        let started = Instant::now();
+        while pace.committed.saturating_sub(pace.indexed) > self.settings.max_lag && !pace.failing {
+            let Some(left) = LAG_WAIT.checked_sub(started.elapsed()) else {
+                log::warn!(
+                    "message index is {} messages behind and not catching up; storing on",
+                    pace.committed.saturating_sub(pace.indexed)
+                );
+                return;
+            };
+            pace.hurry = true;
+            self.shared.changed.notify_all();
+            pace = self
+                .shared
+                .changed
+                .wait_timeout(pace, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for Indexer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("index thread panicked");
+            }
+        }
+    }
+}
+
+/// The indexer thread: waits for a turn, indexes one batch, reports the mark; until stopped.
+fn run(mut writer: IndexWriter, shared: &Shared, settings: IndexSettings) {
+    while next_turn(shared, settings) {
+        match writer.index_next(settings.batch) {
+            Ok(mark) => {
+                let mut pace = shared.lock();
+                pace.indexed = pace.indexed.max(mark);
+                pace.failing = false;
+                if pace.indexed >= pace.committed {
+                    pace.hurry = false;
+                }
+                shared.changed.notify_all();
+            }
+            Err(e) => {
+                log::warn!("message index: indexing failed, trying again shortly: {e}");
+                shared.lock().failing = true;
+                shared.changed.notify_all();
+                thread::sleep(RETRY_AFTER);
+            }
+        }
+    }
+    log::debug!("index thread stopped");
+}
+
+/// Blocks until there is a batch worth indexing: a full one, one the store is waiting for, or
+/// one that has waited `delay` for company. False when the store stops.
+fn next_turn(shared: &Shared, settings: IndexSettings) -> bool {
+    let mut pace = shared.lock();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if pace.stop {
+            return false;
+        }
+        let pending = pace.committed.saturating_sub(pace.indexed);
+        if pending > 0 && (pace.hurry || pending >= settings.batch as u64) {
+            return true;
+        }
+        let wait = match (pending, deadline) {
+            (0, _) => None,
+            (_, None) => {
+                deadline = Some(Instant::now() + settings.delay);
+                Some(settings.delay)
+            }
+            (_, Some(at)) => match at.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return true,
+            },
+        };
+        pace = match wait {
+            None => shared
+                .changed
+                .wait(pace)
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(left) => {
+                shared
+                    .changed
+                    .wait_timeout(pace, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0
+            }
+        };
+    }
+}
