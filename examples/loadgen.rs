@@ -25,7 +25,7 @@ use clap::{Parser, ValueEnum};
 use hubbub::client::Client;
 use hubbub::framing::{patch_body_len, put_header, split_frame, Header};
 use hubbub::protocol::{code, kind, Packet, Request};
-use hubbub::store::{StoreConfig, StoreHandle, SyncMode};
+use hubbub::store::{IndexSettings, IndexWriter, StoreConfig, StoreHandle, SyncMode};
 use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, VecDeque};
@@ -2390,6 +2390,7 @@ fn fresh_store_db(dir: &Path, name: &str, sync: SyncMode) -> Result<PathBuf, Str
             sync,
             queue_capacity: 4,
             max_batch: 1,
+            index: IndexSettings::default(),
         },
         Arc::new(|| {}),
     )
@@ -2439,9 +2440,10 @@ struct StoreRun {
     commit_us: Vec<u32>,
 }
 
-/// Inserts message rows straight through rusqlite, `batch` per transaction, for `duration`. `like_server` adds
-/// what the server's store does per message besides the INSERT: a savepoint, the resend check and two user
-/// lookups.
+/// Inserts message rows straight through rusqlite, `batch` per transaction, for `duration`, and keeps the message
+/// index up to date as the server's index thread does (a transaction per `IndexSettings::default().batch` rows,
+/// on this thread and inside the timed run: the index is part of storing a message). `like_server` adds what the
+/// server's store does per message besides the INSERT: a savepoint, the resend check and two user lookups.
 fn rusqlite_run(
     path: &Path,
     spec: &StoreSpec,
@@ -2478,6 +2480,9 @@ fn rusqlite_run(
         seconds: 0.0,
         commit_us: Vec::new(),
     };
+    let mut index = IndexWriter::open(path)?;
+    let index_batch = IndexSettings::default().batch;
+    let mut unindexed = 0;
     let started = Instant::now();
     while started.elapsed() < spec.duration {
         conn.execute_batch("BEGIN").map_err(sql)?;
@@ -2529,6 +2534,11 @@ fn rusqlite_run(
         conn.execute_batch("COMMIT").map_err(sql)?;
         run.commit_us.push(t.elapsed().as_micros() as u32);
         run.rows += batch as u64;
+        unindexed += batch;
+        if unindexed >= index_batch {
+            index.index_next(unindexed).map_err(sql)?;
+            unindexed = 0;
+        }
     }
     run.seconds = started.elapsed().as_secs_f64();
     Ok(run)
@@ -2546,6 +2556,7 @@ fn store_thread_run(path: &Path, spec: &StoreSpec, max_batch: usize) -> Result<S
             sync: spec.sync,
             queue_capacity: 4096,
             max_batch,
+            index: IndexSettings::default(),
         },
         // Like the server's loop, the producer is woken once per committed batch, not by each completion:
         // waking on every completion would charge the store thread context switches the server never pays.
@@ -2657,6 +2668,14 @@ fn scenario_store(ctx: &Ctx) -> Result<Report, String> {
         1,
     );
     let run_len = ctx.size(ctx.opts.window, 64, 16).max(1);
+    report.text(
+        "index",
+        "message index",
+        format!(
+            "kept up on the same thread, a transaction per {} rows, inside the timed run",
+            IndexSettings::default().batch
+        ),
+    );
     report.text(
         "row_order",
         "row order",
