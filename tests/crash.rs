@@ -338,11 +338,11 @@ fn hb_5_1_sigterm_mid_load_exits_cleanly_and_keeps_every_ack() {
     integrity_check(&db);
 }
 
-/// Reads the message index's mark straight from its file (`<db>-index`, see README "Storage").
+/// The message index's mark, read from its file (`<db>-index`, see README "Storage").
 fn index_mark(db: &Path) -> u64 {
-    let index = hubbub::store::index_path(db);
-    let conn = rusqlite::Connection::open(&index).unwrap();
-    conn.query_row("SELECT indexed_up_to FROM state", [], |row| row.get(0))
+    hubbub::store::IndexWriter::open(db)
+        .unwrap()
+        .indexed_up_to()
         .unwrap()
 }
 

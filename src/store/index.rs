@@ -20,7 +20,7 @@
 //! `messages` and may be deleted while the server is stopped; the next start rebuilds it. It never
 //! writes the message database. Readers never wait for it either: the store reads the index up to
 //! the mark and the few rows above the mark straight from `messages` (the newest rowids, one short
-//! range; see `INDEXED_UP_TO` in the store). How far the index may fall behind is bounded by
+//! range; see `indexed_up_to!` in the store). How far the index may fall behind is bounded by
 //! [`IndexSettings::max_lag`], so that range stays short.
 
 use std::path::{Path, PathBuf};
@@ -80,7 +80,7 @@ const LAG_WAIT: Duration = Duration::from_secs(1);
 /// Pause after a failed indexing transaction before trying again.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
-/// How the indexer paces itself (`--index-batch`, `--index-delay-ms`, `--index-max-lag`).
+/// How the indexer paces itself (`--index-batch`, `--index-delay`, `--index-max-lag`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IndexSettings {
     /// Most messages indexed in one transaction; a full batch is indexed without waiting.
@@ -108,10 +108,15 @@ pub fn index_path(db_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The index file's path as SQL text, for ATTACH.
+/// A path as SQL text, for ATTACH.
 fn sql_path(path: &Path) -> Result<&str, String> {
     path.to_str()
         .ok_or_else(|| format!("{} is not valid UTF-8", path.display()))
+}
+
+/// Why the index of the database at `db_path` could not be opened, as the store reports it.
+fn open_error(db_path: &Path, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Open(format!("message index for {}: {reason}", db_path.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -124,8 +129,6 @@ fn sql_path(path: &Path) -> Result<&str, String> {
 /// An index that is sound but cannot catch up (a full disk) is no reason to refuse to start:
 /// reads are right at any mark, only slower, and the indexer thread tries again.
 pub(super) fn prepare(db: &Connection, db_path: &Path) -> Result<(), StoreError> {
-    let open_error =
-        |e: String| StoreError::Open(format!("message index for {}: {e}", db_path.display()));
     let mut writer = match IndexWriter::open_checked(db, db_path) {
         Ok(writer) => writer,
         Err(why) => {
@@ -133,8 +136,8 @@ pub(super) fn prepare(db: &Connection, db_path: &Path) -> Result<(), StoreError>
                 "message index {}: {why}; rebuilding it",
                 index_path(db_path).display()
             );
-            remove_index_files(db_path).map_err(open_error)?;
-            IndexWriter::open_checked(db, db_path).map_err(open_error)?
+            remove_index_files(db_path).map_err(|e| open_error(db_path, e))?;
+            IndexWriter::open_checked(db, db_path).map_err(|e| open_error(db_path, e))?
         }
     };
     if let Err(e) = writer.catch_up() {
@@ -143,9 +146,9 @@ pub(super) fn prepare(db: &Connection, db_path: &Path) -> Result<(), StoreError>
     let path = index_path(db_path);
     db.execute(
         &format!("ATTACH DATABASE ?1 AS {SCHEMA}"),
-        [sql_path(&path).map_err(open_error)?],
+        [sql_path(&path).map_err(|e| open_error(db_path, e))?],
     )
-    .map_err(|e| open_error(e.to_string()))?;
+    .map_err(|e| open_error(db_path, e))?;
     Ok(())
 }
 
@@ -187,7 +190,9 @@ impl IndexWriter {
         let path = index_path(db_path);
         let conn = Connection::open(&path).map_err(|e| e.to_string())?;
         let writer = IndexWriter { conn };
-        writer.configure(db_path).map_err(|e| e.to_string())?;
+        writer
+            .configure(sql_path(db_path)?)
+            .map_err(|e| e.to_string())?;
         Ok(writer)
     }
 
@@ -225,7 +230,8 @@ impl IndexWriter {
         Ok(writer)
     }
 
-    fn configure(&self, db_path: &Path) -> rusqlite::Result<()> {
+    /// Pragmas, and the message database at `db_path` attached as `log`.
+    fn configure(&self, db_path: &str) -> rusqlite::Result<()> {
         let conn = &self.conn;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -233,10 +239,7 @@ impl IndexWriter {
         // corrupts the file, and what is lost is re-indexed from `messages` at the next start.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
-        let path = db_path
-            .to_str()
-            .ok_or_else(|| rusqlite::Error::InvalidPath(db_path.to_path_buf()))?;
-        conn.execute("ATTACH DATABASE ?1 AS log", [path])?;
+        conn.execute("ATTACH DATABASE ?1 AS log", [db_path])?;
         Ok(())
     }
 
@@ -380,16 +383,12 @@ pub(super) struct Indexer {
 impl Indexer {
     /// Starts "hubbub-index" with its own connection, after [`prepare`].
     pub(super) fn start(db_path: &Path, settings: IndexSettings) -> Result<Indexer, StoreError> {
-        let open_error =
-            |e: String| StoreError::Open(format!("message index for {}: {e}", db_path.display()));
-        let writer = IndexWriter::open(db_path).map_err(open_error)?;
-        let mark = writer
-            .indexed_up_to()
-            .map_err(|e| open_error(e.to_string()))?;
+        let writer = IndexWriter::open(db_path).map_err(|e| open_error(db_path, e))?;
+        let mark = writer.indexed_up_to().map_err(|e| open_error(db_path, e))?;
         // Above the mark if the catch-up at startup could not finish: then there is work at once.
         let newest = writer
             .newest_message()
-            .map_err(|e| open_error(e.to_string()))?;
+            .map_err(|e| open_error(db_path, e))?;
         let shared = Arc::new(Shared {
             pace: Mutex::new(Pace {
                 committed: newest.max(mark),
