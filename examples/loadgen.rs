@@ -25,7 +25,7 @@ use clap::{Parser, ValueEnum};
 use hubbub::client::Client;
 use hubbub::framing::{patch_body_len, put_header, split_frame, Header};
 use hubbub::protocol::{code, kind, Packet, Request};
-use hubbub::store::{IndexSettings, IndexWriter, StoreConfig, StoreHandle, SyncMode};
+use hubbub::store::{IndexEntry, IndexSettings, IndexWriter, StoreConfig, StoreHandle, SyncMode};
 use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, VecDeque};
@@ -2441,8 +2441,8 @@ struct StoreRun {
 }
 
 /// Inserts message rows straight through rusqlite, `batch` per transaction, for `duration`, and keeps the message
-/// index up to date as the server's index thread does (a transaction per `IndexSettings::default().batch` rows,
-/// on this thread and inside the timed run: the index is part of storing a message). `like_server` adds what the
+/// index up to date as the server's index thread does (the entries of `IndexSettings::default().batch` rows per
+/// transaction, on this thread and inside the timed run: the index is part of storing a message). `like_server` adds what the
 /// server's store does per message besides the INSERT: a savepoint, the resend check and two user lookups.
 fn rusqlite_run(
     path: &Path,
@@ -2482,7 +2482,7 @@ fn rusqlite_run(
     };
     let mut index = IndexWriter::open(path)?;
     let index_batch = IndexSettings::default().batch;
-    let mut unindexed = 0;
+    let mut unindexed: Vec<IndexEntry> = Vec::with_capacity(index_batch + batch);
     let started = Instant::now();
     while started.elapsed() < spec.duration {
         conn.execute_batch("BEGIN").map_err(sql)?;
@@ -2526,6 +2526,11 @@ fn rusqlite_run(
                 ])
             })
             .map_err(sql)?;
+            unindexed.push(IndexEntry {
+                id: conn.last_insert_rowid() as u64,
+                sender_id: *sender as u64,
+                recipient_id: *recipient as u64,
+            });
             if like_server {
                 conn.execute_batch("RELEASE job").map_err(sql)?;
             }
@@ -2534,10 +2539,10 @@ fn rusqlite_run(
         conn.execute_batch("COMMIT").map_err(sql)?;
         run.commit_us.push(t.elapsed().as_micros() as u32);
         run.rows += batch as u64;
-        unindexed += batch;
-        if unindexed >= index_batch {
-            index.index_next(unindexed).map_err(sql)?;
-            unindexed = 0;
+        if unindexed.len() >= index_batch {
+            let newest = unindexed.last().map_or(0, |entry| entry.id);
+            index.index_entries(&mut unindexed, newest).map_err(sql)?;
+            unindexed.clear();
         }
     }
     run.seconds = started.elapsed().as_secs_f64();

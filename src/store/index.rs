@@ -10,11 +10,20 @@
 //! messages at a time and sorted by key, so one page takes many entries; and on a file of their
 //! own, so the store thread's commits never wait for this thread's.
 //!
+//! Why the store thread hands the entries over instead of the indexer reading them back from
+//! `messages`: a reader of the message database holds a snapshot of its WAL while it reads, and
+//! SQLite can only start the WAL over from its beginning when no reader holds one. An indexer that
+//! was nearly always reading (at nice 19 its transactions are preempted for long) kept the WAL
+//! growing without end, so every commit appended to a longer file and paid ext4's block
+//! allocation: the store thread spent half as much again per message. So while serving the
+//! indexer never touches the message database; it reads `messages` only to catch up at startup,
+//! and after the hand-over was given up (too many entries held, or a failed index transaction).
+//!
 //! What it owns: the index file's schema; the mark `indexed_up_to` (every message with an id at
 //! or below it is indexed, none above it is, and both change in one transaction); the startup
 //! check that throws away an index that does not belong to its database; the catch-up that indexes
-//! whatever a crash, a deleted file or an older hubbub left unindexed; the indexer thread and its
-//! pacing ([`IndexSettings`]).
+//! whatever a crash, a deleted file or an older hubbub left unindexed; the indexer thread, the
+//! entries handed to it, and its pacing ([`IndexSettings`]).
 //!
 //! What it must not do: hold the only copy of anything. Everything here is derived from
 //! `messages` and may be deleted while the server is stopped; the next start rebuilds it. It never
@@ -30,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{StoreError, BUSY_TIMEOUT};
+use super::{from_db, to_db, StoreError, BUSY_TIMEOUT, PAGE_CACHE_KIB};
 
 /// The name the store's connection attaches the index file under.
 pub(super) const SCHEMA: &str = "idx";
@@ -87,8 +96,17 @@ pub struct IndexSettings {
     pub batch: usize,
     /// How long fewer than `batch` new messages wait for more before they are indexed anyway.
     pub delay: Duration,
-    /// Most stored messages the index may lack before the store thread waits for it.
+    /// Most stored messages the index may lack before the store thread waits for it. Also bounds
+    /// the entries held in memory for the indexer: at most `max_lag` plus one commit's worth.
     pub max_lag: u64,
+}
+
+/// One direct message as the index files it, handed from the store thread to the indexer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub id: u64,
+    pub sender_id: u64,
+    pub recipient_id: u64,
 }
 
 impl Default for IndexSettings {
@@ -239,6 +257,14 @@ impl IndexWriter {
         // corrupts the file, and what is lost is re-indexed from `messages` at the next start.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // Not for this connection's sake. SQLite as libsqlite3-sys builds it
+        // (SQLITE_ENABLE_MEMORY_MANAGEMENT) keeps every connection's pages in one shared pool, and a
+        // connection that needs a page beyond its own cache_size takes the least recently used page
+        // of the whole pool: with SQLite's default 2 MiB this thread's batches took the store
+        // connection's pages, which then re-read them from the file, and the store thread spent
+        // 10-11 µs per message instead of 6-7 (issue 7). A cache as large as the store's holds what
+        // the batches touch, so the pool sheds only pages neither side uses.
+        conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)?;
         conn.execute("ATTACH DATABASE ?1 AS log", [db_path])?;
         Ok(())
     }
@@ -295,13 +321,20 @@ impl IndexWriter {
         Ok(mark)
     }
 
-    /// Indexes up to `max_rows` messages above the mark in one transaction and returns the new
-    /// mark (unchanged when there was nothing to index).
+    /// Indexes up to `max_rows` messages above the mark, read back from the message database, in
+    /// one transaction and returns the new mark (unchanged when there was nothing to index).
+    pub fn index_next(&mut self, max_rows: usize) -> rusqlite::Result<u64> {
+        self.index_from_log(max_rows, u64::MAX)
+    }
+
+    /// [`index_next`](Self::index_next) for messages up to `ceiling` only: the indexer's messages
+    /// above it are handed over in memory, and must not be indexed twice.
     ///
     /// Only committed messages are seen (this is another connection), and ids grow with each
     /// commit of the one writer, so nothing below the new mark can still appear later. Each table's
     /// entries go in sorted by its key, so neighbouring entries share pages.
-    pub fn index_next(&mut self, max_rows: usize) -> rusqlite::Result<u64> {
+    fn index_from_log(&mut self, max_rows: usize, ceiling: u64) -> rusqlite::Result<u64> {
+        let ceiling = to_db(ceiling);
         // Deferred, never IMMEDIATE: BEGIN IMMEDIATE takes the write lock of every attached database,
         // the message database included, and the store's commits would wait for this one.
         let tx = self
@@ -309,16 +342,20 @@ impl IndexWriter {
             .transaction_with_behavior(TransactionBehavior::Deferred)?;
         let mark: i64 = tx.query_row("SELECT indexed_up_to FROM state", [], |row| row.get(0))?;
         let limit = i64::try_from(max_rows.max(1)).unwrap_or(i64::MAX);
-        let upto: Option<i64> = tx
+        let found: Option<i64> = tx
             .query_row(
-                "SELECT max(id) FROM (SELECT id FROM log.messages WHERE id > ?1 ORDER BY id LIMIT ?2)",
-                params![mark, limit],
+                "SELECT max(id) FROM
+                   (SELECT id FROM log.messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3)",
+                params![mark, ceiling, limit],
                 |row| row.get(0),
             )
             .optional()?
             .flatten();
-        let Some(upto) = upto else {
-            return Ok(u64::try_from(mark).unwrap_or(0));
+        let upto = match found {
+            Some(id) => id,
+            // No message at all up to a ceiling the store named: the mark may pass over the gap.
+            None if ceiling != i64::MAX && ceiling > mark => ceiling,
+            None => return Ok(from_db(mark)),
         };
         for insert in [
             "INSERT INTO sent (sender_id, id)
@@ -334,11 +371,68 @@ impl IndexWriter {
         ] {
             tx.prepare_cached(insert)?.execute(params![mark, upto])?;
         }
-        tx.prepare_cached("UPDATE state SET indexed_up_to = ?1")?
-            .execute([upto])?;
+        set_mark(&tx, upto)?;
         tx.commit()?;
-        Ok(u64::try_from(upto).unwrap_or(0))
+        Ok(from_db(upto))
     }
+
+    /// Indexes `entries`, which must be every direct message above the mark up to `upto` (room
+    /// messages have none), in one transaction, moves the mark to `upto` and returns it. Entries at
+    /// or below the mark are already indexed and skipped. Never reads the message database.
+    ///
+    /// `entries` is sorted in place, once by each table's key, so neighbouring entries share pages.
+    pub fn index_entries(
+        &mut self,
+        entries: &mut [IndexEntry],
+        upto: u64,
+    ) -> rusqlite::Result<u64> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let mark: i64 = tx.query_row("SELECT indexed_up_to FROM state", [], |row| row.get(0))?;
+        let mark = from_db(mark);
+        if upto <= mark {
+            return Ok(mark);
+        }
+        let new = |entry: &&IndexEntry| entry.id > mark;
+        entries.sort_unstable_by_key(|e| (e.sender_id, e.id));
+        let mut sent = tx.prepare_cached("INSERT INTO sent (sender_id, id) VALUES (?1, ?2)")?;
+        for e in entries.iter().filter(new) {
+            sent.execute(params![to_db(e.sender_id), to_db(e.id)])?;
+        }
+        entries.sort_unstable_by_key(|e| (e.recipient_id, e.id));
+        let mut received = tx.prepare_cached(
+            "INSERT INTO received (recipient_id, id, sender_id) VALUES (?1, ?2, ?3)",
+        )?;
+        for e in entries.iter().filter(new) {
+            received.execute(params![
+                to_db(e.recipient_id),
+                to_db(e.id),
+                to_db(e.sender_id)
+            ])?;
+        }
+        entries.sort_unstable_by_key(|e| (e.sender_id, e.recipient_id, e.id));
+        let mut pairs = tx.prepare_cached(
+            "INSERT INTO pairs (sender_id, recipient_id, id) VALUES (?1, ?2, ?3)",
+        )?;
+        for e in entries.iter().filter(new) {
+            pairs.execute(params![
+                to_db(e.sender_id),
+                to_db(e.recipient_id),
+                to_db(e.id)
+            ])?;
+        }
+        drop((sent, received, pairs));
+        set_mark(&tx, to_db(upto))?;
+        tx.commit()?;
+        Ok(upto)
+    }
+}
+
+fn set_mark(tx: &rusqlite::Transaction<'_>, upto: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE state SET indexed_up_to = ?1")?
+        .execute([upto])
+        .map(drop)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -352,11 +446,91 @@ struct Pace {
     committed: u64,
     /// The indexer's mark.
     indexed: u64,
+    /// Messages above `indexed` up to here are read back from the message database: those a
+    /// crash or a stop left unindexed when startup could not catch up, and those whose entries
+    /// were given up (too many held, or their transaction failed).
+    from_log_until: u64,
+    /// The direct messages above both `indexed` and `from_log_until`, handed over by the store
+    /// thread as it commits them.
+    entries: Vec<IndexEntry>,
+    /// Most `entries` held; past it they are given up and read back from the database later.
+    capacity: usize,
     /// The store thread is waiting: index now, without the delay.
     hurry: bool,
     /// The last indexing transaction failed; the store thread does not wait for a failing index.
     failing: bool,
     stop: bool,
+}
+
+/// One turn of the indexer: which messages it indexes next, and from where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    /// Read back from the message database, up to this id.
+    FromLog { until: u64 },
+    /// The entries taken from [`Pace::entries`]; the mark moves to `upto`.
+    Entries { upto: u64 },
+}
+
+impl Pace {
+    /// The store thread's commit of messages up to `newest`, with the direct messages among them.
+    fn hand_over(&mut self, newest: u64, entries: impl IntoIterator<Item = IndexEntry>) {
+        self.committed = self.committed.max(newest);
+        self.entries.extend(entries);
+        if self.entries.len() > self.capacity {
+            log::warn!(
+                "message index: {} messages behind; the index thread will read them back from the database",
+                self.committed.saturating_sub(self.indexed)
+            );
+            self.give_up_entries_until(self.committed);
+            // Let the memory go: this happens only while the index is stuck.
+            self.entries = Vec::new();
+        }
+    }
+
+    /// Messages up to `upto` are to be read back from the database instead of from entries.
+    fn give_up_entries_until(&mut self, upto: u64) {
+        self.from_log_until = self.from_log_until.max(upto);
+        self.entries.retain(|entry| entry.id > upto);
+    }
+
+    /// What the indexer does next: the messages to read back first, then up to `batch` entries,
+    /// moved into `taken` (empty; it and `entries` swap buffers, so neither side allocates).
+    fn take_work(&mut self, batch: usize, taken: &mut Vec<IndexEntry>) -> Work {
+        if self.indexed < self.from_log_until {
+            return Work::FromLog {
+                until: self.from_log_until,
+            };
+        }
+        if self.entries.len() <= batch {
+            std::mem::swap(&mut self.entries, taken);
+            return Work::Entries {
+                upto: self.committed,
+            };
+        }
+        taken.extend(self.entries.drain(..batch));
+        let upto = taken.last().map_or(self.indexed, |entry| entry.id);
+        Work::Entries { upto }
+    }
+
+    /// The indexer's turn ended with the mark at `mark` (or failed, with None).
+    fn finish(&mut self, work: Work, mark: Option<u64>) {
+        match mark {
+            Some(mark) => {
+                self.indexed = self.indexed.max(mark);
+                self.failing = false;
+                if self.indexed >= self.committed {
+                    self.hurry = false;
+                }
+            }
+            None => {
+                // The taken entries are gone with the transaction; the database still has them.
+                if let Work::Entries { upto } = work {
+                    self.give_up_entries_until(upto);
+                }
+                self.failing = true;
+            }
+        }
+    }
 }
 
 struct Shared {
@@ -382,7 +556,14 @@ pub(super) struct Indexer {
 
 impl Indexer {
     /// Starts "hubbub-index" with its own connection, after [`prepare`].
-    pub(super) fn start(db_path: &Path, settings: IndexSettings) -> Result<Indexer, StoreError> {
+    ///
+    /// `max_commit` is the most messages one store commit hands over: with `max_lag`, it bounds
+    /// the entries held.
+    pub(super) fn start(
+        db_path: &Path,
+        settings: IndexSettings,
+        max_commit: usize,
+    ) -> Result<Indexer, StoreError> {
         let writer = IndexWriter::open(db_path).map_err(|e| open_error(db_path, e))?;
         let mark = writer.indexed_up_to().map_err(|e| open_error(db_path, e))?;
         // Above the mark if the catch-up at startup could not finish: then there is work at once.
@@ -393,6 +574,10 @@ impl Indexer {
             pace: Mutex::new(Pace {
                 committed: newest.max(mark),
                 indexed: mark,
+                from_log_until: newest.max(mark),
+                capacity: usize::try_from(settings.max_lag)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(max_commit),
                 ..Pace::default()
             }),
             changed: Condvar::new(),
@@ -416,13 +601,13 @@ impl Indexer {
         })
     }
 
-    /// Called by the store thread after a commit that stored messages up to `newest`. Wakes the
-    /// indexer only when there is newly something to do: the first message after a quiet spell,
-    /// or a full batch.
-    pub(super) fn committed(&self, newest: u64) {
+    /// Called by the store thread after a commit that stored messages up to `newest`, with the
+    /// direct messages among them. Wakes the indexer only when there is newly something to do: the
+    /// first message after a quiet spell, or a full batch.
+    pub(super) fn committed(&self, newest: u64, entries: impl IntoIterator<Item = IndexEntry>) {
         let mut pace = self.shared.lock();
         let was_pending = pace.committed.saturating_sub(pace.indexed);
-        pace.committed = pace.committed.max(newest);
+        pace.hand_over(newest, entries);
         let pending = pace.committed.saturating_sub(pace.indexed);
         let batch = self.settings.batch as u64;
         if was_pending == 0 || (was_pending < batch && pending >= batch) {
@@ -470,40 +655,45 @@ impl Drop for Indexer {
 
 /// The indexer thread: waits for a turn, indexes one batch, reports the mark; until stopped.
 fn run(mut writer: IndexWriter, shared: &Shared, settings: IndexSettings) {
-    while next_turn(shared, settings) {
-        match writer.index_next(settings.batch) {
-            Ok(mark) => {
-                let mut pace = shared.lock();
-                pace.indexed = pace.indexed.max(mark);
-                pace.failing = false;
-                if pace.indexed >= pace.committed {
-                    pace.hurry = false;
-                }
-                shared.changed.notify_all();
-            }
+    let mut taken = Vec::new();
+    while let Some(work) = next_turn(shared, settings, &mut taken) {
+        let result = match work {
+            Work::FromLog { until } => writer.index_from_log(settings.batch, until),
+            Work::Entries { upto } => writer.index_entries(&mut taken, upto),
+        };
+        taken.clear();
+        let mark = match result {
+            Ok(mark) => Some(mark),
             Err(e) => {
                 log::warn!("message index: indexing failed, trying again shortly: {e}");
-                shared.lock().failing = true;
-                shared.changed.notify_all();
-                thread::sleep(RETRY_AFTER);
+                None
             }
+        };
+        shared.lock().finish(work, mark);
+        shared.changed.notify_all();
+        if mark.is_none() {
+            thread::sleep(RETRY_AFTER);
         }
     }
     log::debug!("index thread stopped");
 }
 
 /// Blocks until there is a batch worth indexing: a full one, one the store is waiting for, or
-/// one that has waited `delay` for company. False when the store stops.
-fn next_turn(shared: &Shared, settings: IndexSettings) -> bool {
+/// one that has waited `delay` for company; then takes it. None when the store stops.
+fn next_turn(
+    shared: &Shared,
+    settings: IndexSettings,
+    taken: &mut Vec<IndexEntry>,
+) -> Option<Work> {
     let mut pace = shared.lock();
     let mut deadline: Option<Instant> = None;
     loop {
         if pace.stop {
-            return false;
+            return None;
         }
         let pending = pace.committed.saturating_sub(pace.indexed);
         if pending > 0 && (pace.hurry || pending >= settings.batch as u64) {
-            return true;
+            return Some(pace.take_work(settings.batch, taken));
         }
         let wait = match (pending, deadline) {
             (0, _) => None,
@@ -513,7 +703,7 @@ fn next_turn(shared: &Shared, settings: IndexSettings) -> bool {
             }
             (_, Some(at)) => match at.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => Some(left),
-                _ => return true,
+                _ => return Some(pace.take_work(settings.batch, taken)),
             },
         };
         pace = match wait {
@@ -529,5 +719,97 @@ fn next_turn(shared: &Shared, settings: IndexSettings) -> bool {
                     .0
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u64) -> IndexEntry {
+        IndexEntry {
+            id,
+            sender_id: 1,
+            recipient_id: 2,
+        }
+    }
+
+    fn ids(entries: &[IndexEntry]) -> Vec<u64> {
+        entries.iter().map(|e| e.id).collect()
+    }
+
+    /// A started indexer whose index has everything up to `mark`, holding at most `capacity`.
+    fn pace(mark: u64, capacity: usize) -> Pace {
+        Pace {
+            committed: mark,
+            indexed: mark,
+            from_log_until: mark,
+            capacity,
+            ..Pace::default()
+        }
+    }
+
+    #[test]
+    fn handed_over_entries_are_indexed_up_to_the_newest_commit() {
+        let mut pace = pace(10, 100);
+        // Message 13 went to a room: it has no entry, and the mark still passes it.
+        pace.hand_over(12, [entry(11), entry(12)]);
+        pace.hand_over(14, [entry(14)]);
+        let mut taken = Vec::new();
+        assert_eq!(pace.take_work(100, &mut taken), Work::Entries { upto: 14 });
+        assert_eq!(ids(&taken), [11, 12, 14]);
+        assert!(pace.entries.is_empty());
+        pace.finish(Work::Entries { upto: 14 }, Some(14));
+        assert_eq!((pace.indexed, pace.failing), (14, false));
+    }
+
+    #[test]
+    fn more_entries_than_a_batch_are_taken_a_batch_at_a_time() {
+        let mut pace = pace(0, 100);
+        pace.hand_over(5, (1..=5).map(entry));
+        let mut taken = Vec::new();
+        assert_eq!(pace.take_work(2, &mut taken), Work::Entries { upto: 2 });
+        assert_eq!(ids(&taken), [1, 2]);
+        assert_eq!(ids(&pace.entries), [3, 4, 5]);
+    }
+
+    /// Past its capacity the hand-over is given up: those messages are read back from the
+    /// database, and entries handed over after that are taken once the database caught up.
+    #[test]
+    fn entries_past_the_capacity_are_read_back_from_the_database_instead() {
+        let mut pace = pace(0, 3);
+        pace.hand_over(3, (1..=3).map(entry));
+        assert_eq!(pace.entries.len(), 3, "at the capacity, kept");
+        pace.hand_over(4, [entry(4)]);
+        assert!(pace.entries.is_empty(), "past it, given up");
+        assert_eq!(pace.from_log_until, 4);
+        pace.hand_over(6, [entry(5), entry(6)]);
+
+        let mut taken = Vec::new();
+        let work = pace.take_work(100, &mut taken);
+        assert_eq!(work, Work::FromLog { until: 4 });
+        assert!(taken.is_empty());
+        pace.finish(work, Some(4));
+        assert_eq!(pace.take_work(100, &mut taken), Work::Entries { upto: 6 });
+        assert_eq!(ids(&taken), [5, 6]);
+    }
+
+    /// A failed transaction loses the entries it took; the messages are still in the database.
+    #[test]
+    fn entries_of_a_failed_transaction_are_read_back_from_the_database() {
+        let mut pace = pace(0, 100);
+        pace.hand_over(3, (1..=3).map(entry));
+        let mut taken = Vec::new();
+        let work = pace.take_work(2, &mut taken);
+        assert_eq!(work, Work::Entries { upto: 2 });
+        pace.finish(work, None);
+        assert!(pace.failing);
+        assert_eq!(pace.indexed, 0);
+        taken.clear();
+        assert_eq!(pace.take_work(2, &mut taken), Work::FromLog { until: 2 });
+        pace.finish(Work::FromLog { until: 2 }, Some(2));
+        assert!(!pace.failing);
+        assert_eq!(pace.take_work(2, &mut taken), Work::Entries { upto: 3 });
+        assert_eq!(ids(&taken), [3]);
     }
 }

@@ -30,7 +30,7 @@ use crate::session::Ticket;
 mod index;
 
 use index::Indexer;
-pub use index::{index_path, IndexSettings, IndexWriter};
+pub use index::{index_path, IndexEntry, IndexSettings, IndexWriter};
 
 /// A user's row id; stable for the life of the database.
 pub type UserId = u64;
@@ -564,7 +564,7 @@ impl StoreHandle {
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<(StoreHandle, Receiver<Done>), StoreError> {
         let db = open_database(&config)?;
-        let index = Indexer::start(&config.path, config.index)?;
+        let index = Indexer::start(&config.path, config.index, config.max_batch)?;
         let (job_tx, job_rx) = mpsc::sync_channel(config.queue_capacity.max(1));
         let (done_tx, done_rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
@@ -872,7 +872,8 @@ impl Worker {
                     .store(pack_commit(size, micros), Ordering::Relaxed);
             }
             if let Some(newest) = newest_stored(&report.dones) {
-                self.index.committed(newest);
+                self.index
+                    .committed(newest, direct_messages_stored(&report.dones));
             }
             if !self.send_all(report.dones) {
                 return;
@@ -938,6 +939,21 @@ fn newest_stored(dones: &[Done]) -> Option<u64> {
             _ => None,
         })
         .max()
+}
+
+/// The direct messages a batch stored, as the indexer files them.
+fn direct_messages_stored(dones: &[Done]) -> impl Iterator<Item = IndexEntry> + '_ {
+    dones.iter().filter_map(|done| match &done.outcome {
+        Outcome::Stored {
+            message,
+            duplicate: false,
+        } if message.room.is_none() => Some(IndexEntry {
+            id: message.id,
+            sender_id: message.sender_id,
+            recipient_id: message.recipient_id,
+        }),
+        _ => None,
+    })
 }
 
 /// The completions of one batch, in job order, and the COMMIT latency if a commit succeeded.
@@ -4916,6 +4932,100 @@ mod tests {
             assert_eq!(all_reads(&mut db, &users, 20), unindexed, "mark {mark}");
         }
         assert!(mark >= 40, "everything indexed in the end: {mark}");
+    }
+
+    /// The whole message index as rows: each table in key order, then the mark.
+    fn index_contents(conn: &Connection) -> Vec<Vec<i64>> {
+        let mut rows = Vec::new();
+        for sql in [
+            "SELECT sender_id, id FROM idx.sent ORDER BY 1, 2",
+            "SELECT recipient_id, id, sender_id FROM idx.received ORDER BY 1, 2",
+            "SELECT sender_id, recipient_id, id FROM idx.pairs ORDER BY 1, 2, 3",
+            "SELECT indexed_up_to FROM idx.state",
+        ] {
+            let mut stmt = conn.prepare(sql).unwrap();
+            let columns = stmt.column_count();
+            let table = stmt
+                .query_map([], |row| (0..columns).map(|i| row.get(i)).collect())
+                .unwrap();
+            rows.extend(table.map(Result::unwrap));
+        }
+        rows
+    }
+
+    /// What the store thread hands the indexer, the entries of the direct messages each commit
+    /// stored, builds the very index that reading the messages back from the database builds; and
+    /// reads agree at each mark on the way. Room messages, resends and refused messages have no entry.
+    #[test]
+    fn handed_over_entries_build_the_index_that_reading_back_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir);
+        let copy = tempfile::tempdir().unwrap();
+        let copied = StoreConfig {
+            path: copy.path().join("copy.db"),
+            ..config.clone()
+        };
+        let mut db = open_database(&config).unwrap();
+        let names = ["ann", "bo", "cy"];
+        let mut ops: Vec<Op> = names.iter().map(|name| create(name)).collect();
+        ops.push(create_room_op(1, "den", ROOMS_PER_USER));
+        ops.push(join_op(2, "den", MEMBERS_PER_ROOM, ROOMS_PER_USER));
+        run_ops(&mut db, ops);
+        let mut commits = Vec::new();
+        for round in 0..5u64 {
+            let op = |n: u64| {
+                let sender = n % 3 + 1;
+                let to = names[usize::try_from((n * 7 + 1) % 3).unwrap()];
+                match n % 8 {
+                    3 => Op::StoreRoomMessage {
+                        sender: sender.min(2),
+                        room: "den".into(),
+                        client_msg_id: 1000 + n,
+                        text: format!("room #{n}"),
+                    },
+                    5 => message_op(1, "nobody", n),
+                    _ => message_op(sender, to, n),
+                }
+            };
+            let mut ops: Vec<Op> = (round * 8..round * 8 + 8).map(op).collect();
+            // A resend of the round's first message.
+            ops.push(op(round * 8));
+            let jobs = ops
+                .into_iter()
+                .enumerate()
+                .map(|(i, op)| Job {
+                    ticket: ticket(u32::try_from(i).unwrap()),
+                    op,
+                })
+                .collect();
+            let report = run_batch(&mut db, jobs);
+            let entries: Vec<IndexEntry> = direct_messages_stored(&report.dones).collect();
+            let newest = newest_stored(&report.dones).unwrap();
+            commits.push((entries, newest));
+        }
+        assert_eq!(
+            commits
+                .iter()
+                .map(|(entries, _)| entries.len())
+                .sum::<usize>(),
+            5 * 6,
+            "6 of each 9 jobs stored a new direct message"
+        );
+
+        let users: Vec<(UserId, &str)> = (1..=3).zip(names).collect();
+        let unindexed = all_reads(&mut db, &users, 20);
+        let mut writer = IndexWriter::open(&config.path).unwrap();
+        for (mut entries, newest) in commits {
+            assert_eq!(writer.index_entries(&mut entries, newest).unwrap(), newest);
+            assert_eq!(all_reads(&mut db, &users, 20), unindexed, "mark {newest}");
+        }
+        let handed_over = index_contents(&db.conn);
+
+        db.conn
+            .execute("VACUUM INTO ?1", [copied.path.to_str().unwrap()])
+            .unwrap();
+        let read_back = open_database(&copied).unwrap();
+        assert_eq!(index_contents(&read_back.conn), handed_over);
     }
 
     fn indexed_up_to(config: &StoreConfig) -> u64 {
