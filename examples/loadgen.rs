@@ -25,7 +25,10 @@ use clap::{Parser, ValueEnum};
 use hubbub::client::Client;
 use hubbub::framing::{patch_body_len, put_header, split_frame, Header};
 use hubbub::protocol::{code, kind, Packet, Request};
-use hubbub::store::{IndexEntry, IndexSettings, IndexWriter, StoreConfig, StoreHandle, SyncMode};
+use hubbub::store::{
+    configure_connection, IndexEntry, IndexSettings, IndexWriter, StoreConfig, StoreHandle,
+    SyncMode,
+};
 use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use std::collections::{BTreeMap, VecDeque};
@@ -2455,16 +2458,7 @@ fn rusqlite_run(
     let sql = |e: rusqlite::Error| format!("sqlite: {e}");
     let conn = rusqlite::Connection::open(path).map_err(sql)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(sql)?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        StoreSpec::pragma_synchronous(spec.sync),
-    )
-    .map_err(sql)?;
-    conn.pragma_update(None, "foreign_keys", true)
-        .map_err(sql)?;
+    configure_connection(&conn, spec.sync).map_err(sql)?;
     let mut users = Vec::with_capacity(2 * pairs);
     for i in 0..2 * pairs {
         conn.execute(

@@ -677,7 +677,7 @@ fn open_database(config: &StoreConfig) -> Result<Db, StoreError> {
             supported: SCHEMA_VERSION,
         });
     }
-    configure(&conn, config.sync).map_err(open_error)?;
+    configure_connection(&conn, config.sync).map_err(open_error)?;
     migrate(&mut conn, found, path)?;
     index::prepare(&conn, path)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
@@ -691,7 +691,9 @@ fn schema_version(conn: &Connection) -> rusqlite::Result<i32> {
     conn.pragma_query_value(None, "user_version", |row| row.get(0))
 }
 
-fn configure(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
+/// The pragmas of the store's connection. Public so that the load generator's store-ceiling
+/// writes with exactly the server's settings.
+pub fn configure_connection(conn: &Connection, sync: SyncMode) -> rusqlite::Result<()> {
     // WAL lets commits append instead of rewriting pages, and readers never wait on the writer.
     let journal: String =
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
