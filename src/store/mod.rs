@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,9 +28,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::session::Ticket;
 
 mod index;
+mod queue;
 
 use index::Indexer;
 pub use index::{index_path, IndexEntry, IndexSettings, IndexWriter};
+use queue::JobQueue;
 
 /// A user's row id; stable for the life of the database.
 pub type UserId = u64;
@@ -541,9 +543,16 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// Dropping the handle without [`StoreHandle::join`] closes the queue; the thread then finishes
 /// what it holds and ends on its own.
 pub struct StoreHandle {
-    jobs: SyncSender<Job>,
-    worker: JoinHandle<()>,
+    jobs: Arc<JobQueue>,
+    /// Taken by [`StoreHandle::join`].
+    worker: Option<JoinHandle<()>>,
     stats: Arc<Stats>,
+}
+
+impl Drop for StoreHandle {
+    fn drop(&mut self) {
+        self.jobs.close();
+    }
 }
 
 /// The store thread runs at a lower priority than the loop (nice 5). Where they share a core — a small box,
@@ -565,12 +574,12 @@ impl StoreHandle {
     ) -> Result<(StoreHandle, Receiver<Done>), StoreError> {
         let db = open_database(&config)?;
         let index = Indexer::start(&config.path, config.index, config.max_batch)?;
-        let (job_tx, job_rx) = mpsc::sync_channel(config.queue_capacity.max(1));
+        let jobs = Arc::new(JobQueue::new(config.queue_capacity));
         let (done_tx, done_rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let worker = Worker {
             db,
-            jobs: job_rx,
+            jobs: Arc::clone(&jobs),
             done: done_tx,
             wake,
             stats: Arc::clone(&stats),
@@ -585,8 +594,8 @@ impl StoreHandle {
             })
             .map_err(|e| StoreError::Spawn(e.to_string()))?;
         let handle = StoreHandle {
-            jobs: job_tx,
-            worker,
+            jobs,
+            worker: Some(worker),
             stats,
         };
         Ok((handle, done_rx))
@@ -596,13 +605,9 @@ impl StoreHandle {
     pub fn try_submit(&self, job: Job) -> Result<(), Job> {
         // Counted before sending so the worker's decrement can never run first and wrap around.
         self.stats.depth.fetch_add(1, Ordering::Relaxed);
-        match self.jobs.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job)) | Err(TrySendError::Disconnected(job)) => {
-                self.stats.depth.fetch_sub(1, Ordering::Relaxed);
-                Err(job)
-            }
-        }
+        self.jobs.try_push(job).inspect_err(|_| {
+            self.stats.depth.fetch_sub(1, Ordering::Relaxed);
+        })
     }
 
     /// Jobs queued but not yet taken by the worker (an AtomicUsize kept by submit/take), for stats.
@@ -619,12 +624,13 @@ impl StoreHandle {
     }
 
     /// Blocks until the thread ended (call after Shutdown was answered, or when the receiver is dropped).
-    pub fn join(self) {
-        let StoreHandle { jobs, worker, .. } = self;
-        // Closing the queue wakes a worker idle in recv(), which then ends.
-        drop(jobs);
-        if worker.join().is_err() {
-            log::error!("store thread panicked");
+    pub fn join(mut self) {
+        // Closing the queue wakes a worker idle in take_batch(), which then ends.
+        self.jobs.close();
+        if let Some(worker) = self.worker.take() {
+            if worker.join().is_err() {
+                log::error!("store thread panicked");
+            }
         }
     }
 }
@@ -847,7 +853,7 @@ impl Db {
 
 struct Worker {
     db: Db,
-    jobs: Receiver<Job>,
+    jobs: Arc<JobQueue>,
     done: Sender<Done>,
     wake: Arc<dyn Fn() + Send + Sync>,
     stats: Arc<Stats>,
@@ -897,22 +903,19 @@ impl Worker {
     /// Blocks for the first job, then takes whatever else is already queued, up to `max_batch`.
     /// None when the queue is closed.
     fn next_batch(&self) -> Option<Batch> {
-        let mut next = Some(self.jobs.recv().ok()?);
+        let taken = self.jobs.take_batch(self.max_batch)?;
+        self.stats.depth.fetch_sub(taken.len(), Ordering::Relaxed);
         let mut batch = Batch {
-            jobs: Vec::new(),
+            jobs: Vec::with_capacity(taken.len()),
             stop: None,
         };
-        while let Some(job) = next {
-            self.stats.depth.fetch_sub(1, Ordering::Relaxed);
+        for job in taken {
             if let Op::Shutdown = job.op {
+                // Nothing queued behind a Shutdown runs: the thread ends with this batch.
                 batch.stop = Some(job.ticket);
                 break;
             }
             batch.jobs.push(job);
-            if batch.jobs.len() >= self.max_batch {
-                break;
-            }
-            next = self.jobs.try_recv().ok();
         }
         Some(batch)
     }
