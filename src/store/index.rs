@@ -394,39 +394,52 @@ impl IndexWriter {
         if upto <= mark {
             return Ok(mark);
         }
-        let new = |entry: &&IndexEntry| entry.id > mark;
-        entries.sort_unstable_by_key(|e| (e.sender_id, e.id));
-        let mut sent = tx.prepare_cached("INSERT INTO sent (sender_id, id) VALUES (?1, ?2)")?;
-        for e in entries.iter().filter(new) {
-            sent.execute(params![to_db(e.sender_id), to_db(e.id)])?;
-        }
-        entries.sort_unstable_by_key(|e| (e.recipient_id, e.id));
-        let mut received = tx.prepare_cached(
+        insert_sorted(
+            &tx,
+            entries,
+            mark,
+            "INSERT INTO sent (sender_id, id) VALUES (?1, ?2)",
+            |e| (e.sender_id, e.id),
+            |e| [e.sender_id, e.id],
+        )?;
+        insert_sorted(
+            &tx,
+            entries,
+            mark,
             "INSERT INTO received (recipient_id, id, sender_id) VALUES (?1, ?2, ?3)",
+            |e| (e.recipient_id, e.id),
+            |e| [e.recipient_id, e.id, e.sender_id],
         )?;
-        for e in entries.iter().filter(new) {
-            received.execute(params![
-                to_db(e.recipient_id),
-                to_db(e.id),
-                to_db(e.sender_id)
-            ])?;
-        }
-        entries.sort_unstable_by_key(|e| (e.sender_id, e.recipient_id, e.id));
-        let mut pairs = tx.prepare_cached(
+        insert_sorted(
+            &tx,
+            entries,
+            mark,
             "INSERT INTO pairs (sender_id, recipient_id, id) VALUES (?1, ?2, ?3)",
+            |e| (e.sender_id, e.recipient_id, e.id),
+            |e| [e.sender_id, e.recipient_id, e.id],
         )?;
-        for e in entries.iter().filter(new) {
-            pairs.execute(params![
-                to_db(e.sender_id),
-                to_db(e.recipient_id),
-                to_db(e.id)
-            ])?;
-        }
-        drop((sent, received, pairs));
         set_mark(&tx, to_db(upto))?;
         tx.commit()?;
         Ok(upto)
     }
+}
+
+/// Sorts `entries` by one table's `key`, then inserts the `row` of each entry above `mark` with
+/// `sql`: in key order, neighbouring entries land on the same pages.
+fn insert_sorted<K: Ord, const N: usize>(
+    tx: &rusqlite::Transaction<'_>,
+    entries: &mut [IndexEntry],
+    mark: u64,
+    sql: &str,
+    key: impl FnMut(&IndexEntry) -> K,
+    row: impl Fn(&IndexEntry) -> [u64; N],
+) -> rusqlite::Result<()> {
+    entries.sort_unstable_by_key(key);
+    let mut insert = tx.prepare_cached(sql)?;
+    for entry in entries.iter().filter(|entry| entry.id > mark) {
+        insert.execute(rusqlite::params_from_iter(row(entry).map(to_db)))?;
+    }
+    Ok(())
 }
 
 fn set_mark(tx: &rusqlite::Transaction<'_>, upto: i64) -> rusqlite::Result<()> {

@@ -932,33 +932,31 @@ impl Worker {
     }
 }
 
-/// The newest message id a batch stored, for the indexer; None if it stored none.
-fn newest_stored(dones: &[Done]) -> Option<u64> {
-    dones
-        .iter()
-        .filter_map(|done| match &done.outcome {
-            Outcome::Stored {
-                message,
-                duplicate: false,
-            } => Some(message.id),
-            _ => None,
-        })
-        .max()
-}
-
-/// The direct messages a batch stored, as the indexer files them.
-fn direct_messages_stored(dones: &[Done]) -> impl Iterator<Item = IndexEntry> + '_ {
+/// The messages a batch stored (resends, answered with their original, are not among them).
+fn newly_stored(dones: &[Done]) -> impl Iterator<Item = &StoredMessage> + '_ {
     dones.iter().filter_map(|done| match &done.outcome {
         Outcome::Stored {
             message,
             duplicate: false,
-        } if message.room.is_none() => Some(IndexEntry {
+        } => Some(message),
+        _ => None,
+    })
+}
+
+/// The newest message id a batch stored, for the indexer; None if it stored none.
+fn newest_stored(dones: &[Done]) -> Option<u64> {
+    newly_stored(dones).map(|message| message.id).max()
+}
+
+/// The direct messages a batch stored, as the indexer files them.
+fn direct_messages_stored(dones: &[Done]) -> impl Iterator<Item = IndexEntry> + '_ {
+    newly_stored(dones)
+        .filter(|message| message.room.is_none())
+        .map(|message| IndexEntry {
             id: message.id,
             sender_id: message.sender_id,
             recipient_id: message.recipient_id,
-        }),
-        _ => None,
-    })
+        })
 }
 
 /// The completions of one batch, in job order, and the COMMIT latency if a commit succeeded.
@@ -2468,18 +2466,21 @@ mod tests {
         }
     }
 
-    /// Runs ops as one batch on a connection, bypassing the thread, so tests can tamper with the
-    /// connection between batches.
-    fn run_ops(db: &mut Db, ops: Vec<Op>) -> Vec<Outcome> {
-        let jobs = ops
-            .into_iter()
+    /// The ops as jobs, each with a ticket of its own.
+    fn jobs(ops: Vec<Op>) -> Vec<Job> {
+        ops.into_iter()
             .enumerate()
             .map(|(i, op)| Job {
                 ticket: ticket(u32::try_from(i).unwrap()),
                 op,
             })
-            .collect();
-        run_batch(db, jobs)
+            .collect()
+    }
+
+    /// Runs ops as one batch on a connection, bypassing the thread, so tests can tamper with the
+    /// connection between batches.
+    fn run_ops(db: &mut Db, ops: Vec<Op>) -> Vec<Outcome> {
+        run_batch(db, jobs(ops))
             .dones
             .into_iter()
             .map(|d| d.outcome)
@@ -4995,15 +4996,7 @@ mod tests {
             let mut ops: Vec<Op> = (round * 8..round * 8 + 8).map(op).collect();
             // A resend of the round's first message.
             ops.push(op(round * 8));
-            let jobs = ops
-                .into_iter()
-                .enumerate()
-                .map(|(i, op)| Job {
-                    ticket: ticket(u32::try_from(i).unwrap()),
-                    op,
-                })
-                .collect();
-            let report = run_batch(&mut db, jobs);
+            let report = run_batch(&mut db, jobs(ops));
             let entries: Vec<IndexEntry> = direct_messages_stored(&report.dones).collect();
             let newest = newest_stored(&report.dones).unwrap();
             commits.push((entries, newest));
