@@ -29,10 +29,13 @@ use crate::session::Ticket;
 
 mod index;
 mod queue;
+mod resend;
 
 use index::Indexer;
 pub use index::{index_path, IndexEntry, IndexSettings, IndexWriter};
 use queue::JobQueue;
+use resend::RecentIds;
+pub use resend::{file as file_client_ids, ClientId, FILE_AT as CLIENT_IDS_FILE_AT};
 
 /// A user's row id; stable for the life of the database.
 pub type UserId = u64;
@@ -524,6 +527,53 @@ const MIGRATIONS: &[Migration] = &[
             INSERT INTO instance (id) VALUES (randomblob(16));
         ",
     },
+    Migration {
+        version: 5,
+        sql: "
+            -- The resend check leaves the commit path (store/resend.rs): UNIQUE (sender_id,
+            -- client_msg_id) dirtied a page per sender in every commit. SQLite cannot drop a
+            -- table's constraint, so the table is rebuilt with the same columns and ids.
+            CREATE TABLE messages_v5 (
+                id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                sender_id     INTEGER NOT NULL REFERENCES users(id),
+                recipient_id  INTEGER NULL REFERENCES users(id),
+                room_id       INTEGER NULL REFERENCES rooms(id),
+                client_msg_id INTEGER NOT NULL,
+                timestamp_ms  INTEGER NOT NULL,
+                text          TEXT    NOT NULL,
+                CHECK ((recipient_id IS NULL) <> (room_id IS NULL))
+            );
+            INSERT INTO messages_v5 (id, sender_id, recipient_id, room_id, client_msg_id,
+                                     timestamp_ms, text)
+                SELECT id, sender_id, recipient_id, room_id, client_msg_id, timestamp_ms, text
+                FROM messages ORDER BY id;
+            -- AUTOINCREMENT's counter may be past the newest id (a resend used to advance it):
+            -- carried over, so no id is ever handed out twice.
+            INSERT INTO sqlite_sequence (name, seq)
+                SELECT 'messages_v5', 0 WHERE NOT EXISTS
+                    (SELECT 1 FROM sqlite_sequence WHERE name = 'messages_v5');
+            UPDATE sqlite_sequence
+                SET seq = max(seq, coalesce((SELECT seq FROM sqlite_sequence
+                                             WHERE name = 'messages'), 0))
+                WHERE name = 'messages_v5';
+            DROP TABLE messages;
+            ALTER TABLE messages_v5 RENAME TO messages;
+            CREATE INDEX messages_by_room ON messages(room_id, id) WHERE room_id IS NOT NULL;
+            -- Which message each (sender, client id) names. Filed in sorted runs; the messages
+            -- above filed_up_to are in the store thread's memory instead.
+            CREATE TABLE client_ids (
+                sender_id     INTEGER NOT NULL,
+                client_msg_id INTEGER NOT NULL,
+                id            INTEGER NOT NULL,
+                PRIMARY KEY (sender_id, client_msg_id)
+            ) WITHOUT ROWID;
+            INSERT INTO client_ids (sender_id, client_msg_id, id)
+                SELECT sender_id, client_msg_id, id FROM messages ORDER BY sender_id, client_msg_id;
+            CREATE TABLE client_ids_state (filed_up_to INTEGER NOT NULL);
+            INSERT INTO client_ids_state (filed_up_to)
+                SELECT coalesce(max(id), 0) FROM messages;
+        ",
+    },
 ];
 
 /// How long a statement waits for a lock held by another process (a backup, the sqlite3 shell)
@@ -685,11 +735,13 @@ fn open_database(config: &StoreConfig) -> Result<Db, StoreError> {
     }
     configure_connection(&conn, config.sync).map_err(open_error)?;
     migrate(&mut conn, found, path)?;
+    let recent = RecentIds::above_the_mark(&conn).map_err(open_error)?;
     index::prepare(&conn, path)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(Db {
         conn,
         users: UserCache::default(),
+        recent,
     })
 }
 
@@ -758,11 +810,12 @@ fn apply_migration(conn: &mut Connection, step: &Migration) -> rusqlite::Result<
 // ---------------------------------------------------------------------------------------------
 // The connection and what the store thread keeps beside it
 
-/// The store thread's connection and its cache of user names; jobs get both (`&mut`, no locks:
-/// only the store thread ever touches them).
+/// The store thread's connection, its cache of user names and the client ids not filed yet; jobs
+/// get all three (`&mut`, no locks: only the store thread ever touches them).
 struct Db {
     conn: Connection,
     users: UserCache,
+    recent: RecentIds,
 }
 
 /// Most users [`UserCache`] holds before it starts over.
@@ -842,9 +895,11 @@ impl UserCache {
 }
 
 impl Db {
-    /// Call whenever a transaction ended without committing: the users it created are gone.
+    /// Call whenever a transaction ended without committing: the users and messages it created
+    /// are gone.
     fn rolled_back(&mut self) {
         self.users.clear();
+        self.recent.rolled_back();
     }
 }
 
@@ -1008,7 +1063,7 @@ fn run_batch(db: &mut Db, jobs: Vec<Job>) -> BatchReport {
         });
     }
     let commit_micros = open_since.and_then(|since| {
-        let committed = commit(&db.conn, &mut dones[since..]);
+        let committed = commit(db, &mut dones[since..]);
         if committed.is_none() {
             db.rolled_back();
         }
@@ -1020,11 +1075,20 @@ fn run_batch(db: &mut Db, jobs: Vec<Job>) -> BatchReport {
     }
 }
 
-/// Commits the open transaction; on failure rolls it back and fails its jobs.
-fn commit(conn: &Connection, dones: &mut [Done]) -> Option<u64> {
+/// Files the client ids waiting in memory if it is time, then commits the open transaction; on
+/// failure rolls it back and fails its jobs.
+fn commit(db: &mut Db, dones: &mut [Done]) -> Option<u64> {
+    let conn = &db.conn;
     let started = Instant::now();
-    match conn.execute_batch("COMMIT") {
-        Ok(()) => Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)),
+    let committed = db
+        .recent
+        .file_if_due(conn)
+        .and_then(|()| conn.execute_batch("COMMIT"));
+    match committed {
+        Ok(()) => {
+            db.recent.committed();
+            Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX))
+        }
         Err(e) => {
             log::warn!("commit of {} jobs failed: {e}", dones.len());
             // A failed COMMIT may leave the transaction open (e.g. SQLITE_BUSY); close it so the
@@ -1532,8 +1596,8 @@ fn list_tokens(conn: &Connection, user_id: UserId, now: u64) -> JobResult<Outcom
 // so they are one short range of rowids (bounded by IndexSettings::max_lag). Every read of
 // direct messages has these two parts; the index's mark and its entries are read in one
 // snapshot, so together they hold each message exactly once. In the unindexed part the user
-// columns are compared with a unary `+`, which keeps SQLite from reaching for the UNIQUE
-// (sender_id, client_msg_id) index and scanning all of a sender's messages instead of the range.
+// columns are compared with a unary `+`, which keeps SQLite on the rowid range should an index
+// on them ever be added.
 
 /// Maps rows shaped (id, sender_id, sender, recipient_id, recipient, timestamp_ms, text, room_id)
 /// where, for a room message, recipient_id is 0, recipient the room's name and room_id set.
@@ -1563,11 +1627,7 @@ macro_rules! message_columns {
     };
 }
 
-fn message_by_client_id(
-    conn: &Connection,
-    sender: UserId,
-    client_msg_id: u64,
-) -> rusqlite::Result<Option<StoredMessage>> {
+fn message_by_id(conn: &Connection, id: u64) -> rusqlite::Result<Option<StoredMessage>> {
     conn.prepare_cached(concat!(
         "SELECT ",
         message_columns!(),
@@ -1575,13 +1635,27 @@ fn message_by_client_id(
          JOIN users s ON s.id = m.sender_id
          LEFT JOIN users r ON r.id = m.recipient_id
          LEFT JOIN rooms g ON g.id = m.room_id
-         WHERE m.sender_id = ?1 AND m.client_msg_id = ?2"
+         WHERE m.id = ?1"
     ))?
-    .query_row(
-        params![to_db(sender), client_msg_key(client_msg_id)],
-        stored_message,
-    )
+    .query_row([to_db(id)], stored_message)
     .optional()
+}
+
+/// The message `sender` stored under `client_msg_id`, if any ([HB-5.2]).
+fn message_by_client_id(
+    db: &mut Db,
+    sender: UserId,
+    client_msg_id: u64,
+) -> JobResult<Option<StoredMessage>> {
+    let Some(id) = db
+        .recent
+        .find(&db.conn, sender, client_msg_key(client_msg_id))?
+    else {
+        return Ok(None);
+    };
+    let original = message_by_id(&db.conn, id)?
+        .ok_or_else(|| JobError::Invalid(format!("client id names message {id}, which is gone")))?;
+    Ok(Some(original))
 }
 
 /// Answers a resend (the client never saw our answer) with its original, whatever its kind —
@@ -1589,12 +1663,12 @@ fn message_by_client_id(
 /// paths that refuse before they reach the insert: a resend still gets its original there, e.g.
 /// after the sender left the room.
 fn original_or(
-    conn: &Connection,
+    db: &mut Db,
     sender: UserId,
     client_msg_id: u64,
     refusal: Outcome,
 ) -> JobResult<Outcome> {
-    Ok(match message_by_client_id(conn, sender, client_msg_id)? {
+    Ok(match message_by_client_id(db, sender, client_msg_id)? {
         Some(original) => Outcome::Stored {
             message: original,
             duplicate: true,
@@ -1604,12 +1678,12 @@ fn original_or(
 }
 
 /// Inserts a message unless (sender, client id) is taken, in which case the original answers
-/// with duplicate = true. The duplicate check is the insert itself: one descent of the UNIQUE
-/// index instead of a look-up followed by the insert's own. A resend that gets this far still
-/// advances AUTOINCREMENT's counter, leaving a gap in the ids; ids stay increasing and are never
-/// reused, and nothing relies on them being consecutive.
+/// with duplicate = true. The insert comes first so that a batch's first access to the database is
+/// a write: SQLite waits for a lock another process holds only when a transaction starts, not when
+/// one that has read tries to write. The resend check (store/resend.rs) follows, and a resend's row
+/// is deleted again; resends are rare, and like any deleted id its id is never handed out again.
 fn insert_message(
-    conn: &Connection,
+    db: &mut Db,
     sender: UserId,
     client_msg_id: u64,
     target: MessageTarget,
@@ -1621,34 +1695,64 @@ fn insert_message(
         MessageTarget::User(user_id) => (Some(to_db(user_id)), None),
         MessageTarget::Room(room_id) => (None, Some(to_db(room_id))),
     };
-    let inserted = conn
+    let key = client_msg_key(client_msg_id);
+    db.conn
         .prepare_cached(
             "INSERT INTO messages (sender_id, recipient_id, room_id, client_msg_id, timestamp_ms,
                                    text)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
             to_db(sender),
             recipient_id,
             room_id,
-            client_msg_key(client_msg_id),
+            key,
             to_db(now),
             &text
         ])?;
-    if inserted == 0 {
-        let original = message_by_client_id(conn, sender, client_msg_id)?
-            // Only the UNIQUE (sender_id, client_msg_id) conflict is ignored, so it is there.
-            .ok_or_else(|| JobError::Invalid("a skipped message has no original".into()))?;
-        return Ok(Outcome::Stored {
-            message: original,
-            duplicate: true,
-        });
+    let id = from_db(db.conn.last_insert_rowid());
+    match take_back_if_resent(db, sender, key, id) {
+        Ok(None) => {
+            db.recent.record(sender, key, id);
+            Ok(Outcome::Stored {
+                message: message(id, text),
+                duplicate: false,
+            })
+        }
+        Ok(Some(original_id)) => {
+            let original = message_by_id(&db.conn, original_id)?.ok_or_else(|| {
+                JobError::Invalid(format!(
+                    "client id names message {original_id}, which is gone"
+                ))
+            })?;
+            Ok(Outcome::Stored {
+                message: original,
+                duplicate: true,
+            })
+        }
+        Err(e) => {
+            // The job has no savepoint and its row must not be committed: the whole transaction
+            // goes, and run_batch fails the batch's other jobs.
+            roll_back_transaction(&db.conn);
+            Err(e.into())
+        }
     }
-    Ok(Outcome::Stored {
-        message: message(from_db(conn.last_insert_rowid()), text),
-        duplicate: false,
-    })
+}
+
+/// The original's id if `key` was taken before the row `id` just inserted, which is then deleted.
+fn take_back_if_resent(
+    db: &mut Db,
+    sender: UserId,
+    key: i64,
+    id: u64,
+) -> rusqlite::Result<Option<u64>> {
+    let original = db.recent.find(&db.conn, sender, key)?;
+    if original.is_some() {
+        db.conn
+            .prepare_cached("DELETE FROM messages WHERE id = ?1")?
+            .execute([to_db(id)])?;
+    }
+    Ok(original)
 }
 
 /// Where a message goes: one user or one room.
@@ -1667,7 +1771,7 @@ fn store_message(
 ) -> JobResult<Outcome> {
     let Some(recipient_id) = db.users.id_by_name(&db.conn, &recipient)? else {
         // A resend must get the original back even if the recipient is unknown now.
-        return original_or(&db.conn, sender, client_msg_id, Outcome::UnknownRecipient);
+        return original_or(db, sender, client_msg_id, Outcome::UnknownRecipient);
     };
     // Before the insert, which must be the job's last fallible step (see Op::needs_savepoint).
     let sender_name = db
@@ -1675,14 +1779,8 @@ fn store_message(
         .name_by_id(&db.conn, sender)?
         .ok_or_else(|| no_such_user(sender))?;
     let target = MessageTarget::User(recipient_id);
-    insert_message(
-        &db.conn,
-        sender,
-        client_msg_id,
-        target,
-        text,
-        now,
-        |id, text| StoredMessage {
+    insert_message(db, sender, client_msg_id, target, text, now, |id, text| {
+        StoredMessage {
             id,
             sender_id: sender,
             sender: sender_name,
@@ -1691,8 +1789,8 @@ fn store_message(
             timestamp_ms: now,
             text,
             room: None,
-        },
-    )
+        }
+    })
 }
 
 /// Range scans merged by id, disjoint so each message comes once: direct messages sent, from the
@@ -2170,17 +2268,16 @@ fn store_room_message(
     text: String,
     now: u64,
 ) -> JobResult<Outcome> {
-    let conn = &db.conn;
     // As for direct messages: a resend gets its original back even if the sender has since left
     // or the room closed, so every refusal first looks for one.
-    let Some(room) = room_by_name(conn, &room_name)? else {
-        return original_or(conn, sender, client_msg_id, Outcome::NoSuchRoom);
+    let Some(room) = room_by_name(&db.conn, &room_name)? else {
+        return original_or(db, sender, client_msg_id, Outcome::NoSuchRoom);
     };
     if room.closed {
-        return original_or(conn, sender, client_msg_id, Outcome::RoomIsClosed);
+        return original_or(db, sender, client_msg_id, Outcome::RoomIsClosed);
     }
-    if !is_current_member(conn, &room, sender)? {
-        return original_or(conn, sender, client_msg_id, Outcome::NotMember);
+    if !is_current_member(&db.conn, &room, sender)? {
+        return original_or(db, sender, client_msg_id, Outcome::NotMember);
     }
     // Before the insert, which must be the job's last fallible step (see Op::needs_savepoint).
     let sender_name = db
@@ -2188,14 +2285,8 @@ fn store_room_message(
         .name_by_id(&db.conn, sender)?
         .ok_or_else(|| no_such_user(sender))?;
     let target = MessageTarget::Room(room.room_id);
-    insert_message(
-        &db.conn,
-        sender,
-        client_msg_id,
-        target,
-        text,
-        now,
-        |id, text| StoredMessage {
+    insert_message(db, sender, client_msg_id, target, text, now, |id, text| {
+        StoredMessage {
             id,
             sender_id: sender,
             sender: sender_name,
@@ -2204,8 +2295,8 @@ fn store_room_message(
             timestamp_ms: now,
             text,
             room: Some((room.room_id, room_name)),
-        },
-    )
+        }
+    })
 }
 
 /// One room's messages inside (?2, ?3], newest first: one range of messages_by_room.
@@ -2996,7 +3087,7 @@ mod tests {
         for (i, step) in MIGRATIONS.iter().enumerate() {
             assert_eq!(step.version, i32::try_from(i + 1).unwrap());
         }
-        assert_eq!(SCHEMA_VERSION, 4);
+        assert_eq!(SCHEMA_VERSION, 5);
     }
 
     #[test]
@@ -3293,6 +3384,7 @@ mod tests {
         let mut db = Db {
             conn,
             users: UserCache::default(),
+            recent: RecentIds::default(),
         };
         let outcomes = run_ops(
             &mut db,
@@ -3656,7 +3748,7 @@ mod tests {
             text: "again".into(),
         };
         for (op, original) in [
-            // The insert finds the client id taken.
+            // The check finds the client id taken.
             (resend_dm("bob", 1), &dm),
             (post_op(alice, "den", 2, "again"), &post),
             // Both kinds share one client id space.
@@ -3682,6 +3774,173 @@ mod tests {
         let next = store.send(alice, "bob", 3, "new");
         assert!(next.id > post.id);
         store.stop();
+    }
+
+    /// A direct message from `sender` (user 1 or 2 below) to "bob" with this client id.
+    fn dm_op(sender: UserId, client_msg_id: u64) -> Op {
+        Op::StoreMessage {
+            sender,
+            recipient: "bob".into(),
+            client_msg_id,
+            text: format!("{client_msg_id}"),
+        }
+    }
+
+    /// The message id of a stored outcome, and whether it was a resend.
+    fn stored(outcome: &Outcome) -> (u64, bool) {
+        match outcome {
+            Outcome::Stored { message, duplicate } => (message.id, *duplicate),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Rows of `client_ids`, and its mark.
+    fn filed(conn: &Connection) -> (i64, i64) {
+        let rows = conn
+            .query_row("SELECT count(*) FROM client_ids", [], |r| r.get(0))
+            .unwrap();
+        let mark = conn
+            .query_row("SELECT filed_up_to FROM client_ids_state", [], |r| r.get(0))
+            .unwrap();
+        (rows, mark)
+    }
+
+    /// Client ids that take every path of the check: counters, lower ids in a block already
+    /// used, the ends of the u64 range (negative as stored) and several 2^32 blocks.
+    const AWKWARD_CLIENT_IDS: [u64; 7] = [5, 3, u64::MAX, 0, (1 << 32) - 1, 1 << 32, 4];
+
+    #[test]
+    fn resends_are_found_before_and_after_their_ids_are_filed_and_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir);
+        let mut db = open_database(&config).unwrap();
+        run_ops(&mut db, vec![create("alice"), create("bob")]);
+        let mut ids = Vec::new();
+        for client_msg_id in AWKWARD_CLIENT_IDS {
+            let (id, duplicate) = stored(&run_ops(&mut db, vec![dm_op(1, client_msg_id)])[0]);
+            assert!(!duplicate, "{client_msg_id}");
+            ids.push(id);
+        }
+        assert_eq!(filed(&db.conn), (0, 0), "below FILE_AT nothing is filed");
+        let check = |db: &mut Db, ids: &[u64]| {
+            for (client_msg_id, id) in AWKWARD_CLIENT_IDS.iter().zip(ids) {
+                let outcome = &run_ops(db, vec![dm_op(1, *client_msg_id)])[0];
+                assert_eq!(stored(outcome), (*id, true), "{client_msg_id}");
+            }
+        };
+        check(&mut db, &ids);
+
+        // The eighth message files all eight, with the mark at the newest. The same client id
+        // from another sender is another message.
+        let (bobs, duplicate) = stored(&run_ops(&mut db, vec![dm_op(2, 5)])[0]);
+        assert!(!duplicate);
+        assert_eq!(resend::FILE_AT, 8);
+        assert_eq!(filed(&db.conn), (8, i64::try_from(bobs).unwrap()));
+        check(&mut db, &ids);
+        assert_eq!(
+            stored(&run_ops(&mut db, vec![dm_op(2, 5)])[0]),
+            (bobs, true)
+        );
+
+        // Memory is lost when the server stops; the next start reads the unfiled ones back.
+        let (ninth, _) = stored(&run_ops(&mut db, vec![dm_op(1, 2)])[0]);
+        drop(db);
+        let mut db = open_database(&config).unwrap();
+        assert_eq!(filed(&db.conn), (8, i64::try_from(bobs).unwrap()));
+        check(&mut db, &ids);
+        assert_eq!(
+            stored(&run_ops(&mut db, vec![dm_op(1, 2)])[0]),
+            (ninth, true)
+        );
+        let (tenth, duplicate) = stored(&run_ops(&mut db, vec![dm_op(1, 1)])[0]);
+        assert!(!duplicate && tenth > ninth);
+    }
+
+    #[test]
+    fn a_rolled_back_message_frees_its_client_id_and_a_rolled_back_filing_files_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice"), create("bob")]);
+        let kept: Vec<u64> = run_ops(&mut db, (1..=6).map(|n| dm_op(1, n)).collect())
+            .iter()
+            .map(|outcome| stored(outcome).0)
+            .collect();
+        // The commit fails (a deferred foreign key violation, as in failed_commit_...) after
+        // the batch's messages reached FILE_AT and were filed.
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);
+                 CREATE TEMP TABLE child (parent_id INTEGER REFERENCES parent(id)
+                                          DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TEMP TRIGGER poison AFTER INSERT ON main.messages
+                 WHEN new.text = 'poison' BEGIN INSERT INTO child VALUES (42); END;",
+            )
+            .unwrap();
+        let poison = Op::StoreMessage {
+            sender: 1,
+            recipient: "bob".into(),
+            client_msg_id: 8,
+            text: "poison".into(),
+        };
+        let outcomes = run_ops(&mut db, vec![dm_op(1, 7), poison]);
+        assert!(
+            failure(&outcomes[1]).contains("commit failed"),
+            "{outcomes:?}"
+        );
+        assert_eq!(filed(&db.conn), (0, 0));
+        db.conn.execute_batch("DROP TRIGGER poison").unwrap();
+
+        for (client_msg_id, id) in (1..=6).zip(&kept) {
+            assert_eq!(
+                stored(&run_ops(&mut db, vec![dm_op(1, client_msg_id)])[0]),
+                (*id, true)
+            );
+        }
+        for client_msg_id in [7, 8] {
+            let (id, duplicate) = stored(&run_ops(&mut db, vec![dm_op(1, client_msg_id)])[0]);
+            assert!(!duplicate && id > kept[5], "{client_msg_id}");
+        }
+        assert_eq!(filed(&db.conn).0, 8, "the next commit filed them");
+    }
+
+    #[test]
+    fn version_4_messages_keep_their_ids_counter_and_resends() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir);
+        {
+            let mut conn = Connection::open(&config.path).unwrap();
+            for step in &MIGRATIONS[..4] {
+                apply_migration(&mut conn, step).unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO users (username, phc, created_at_ms) VALUES ('alice', 'p', 1);
+                 INSERT INTO users (username, phc, created_at_ms) VALUES ('bob', 'p', 1);
+                 INSERT INTO messages (sender_id, recipient_id, client_msg_id, timestamp_ms, text)
+                     VALUES (1, 2, 7, 1, 'a'), (2, 1, 7, 2, 'b'), (1, 2, -1, 3, 'c');
+                 -- A resend used to advance the counter past the newest id.
+                 UPDATE sqlite_sequence SET seq = 10 WHERE name = 'messages';",
+            )
+            .unwrap();
+        }
+        let mut db = open_database(&config).unwrap();
+        assert_eq!(filed(&db.conn), (3, 3));
+        assert_eq!(stored(&run_ops(&mut db, vec![dm_op(1, 7)])[0]), (1, true));
+        assert_eq!(
+            stored(&run_ops(&mut db, vec![dm_op(1, u64::MAX)])[0]),
+            (3, true)
+        );
+        // Past the carried counter (each resend above also took an id, as resends always did).
+        let (id, duplicate) = stored(&run_ops(&mut db, vec![dm_op(1, 8)])[0]);
+        assert!(id > 10 && !duplicate, "{id}");
+        let texts: Vec<String> = db
+            .conn
+            .prepare("SELECT text FROM messages ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(texts, ["a", "b", "c", "8"]);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -4678,8 +4937,8 @@ mod tests {
         }
     }
 
-    /// The one index left on `messages` besides its UNIQUE constraint is partial: a direct
-    /// message does not enter it.
+    /// The one index left on `messages` is partial: a direct message enters no index of the table
+    /// at all (the resend check keeps its ids apart, store/resend.rs).
     #[test]
     fn messages_keep_only_the_partial_room_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -4694,11 +4953,7 @@ mod tests {
             .unwrap();
         let mut names: Vec<&str> = indexes.iter().map(|(name, _)| name.as_str()).collect();
         names.sort_unstable();
-        assert_eq!(
-            names,
-            ["messages_by_room", "sqlite_autoindex_messages_1"],
-            "{indexes:?}"
-        );
+        assert_eq!(names, ["messages_by_room"], "{indexes:?}");
         assert!(indexes.contains(&("messages_by_room".to_owned(), true)));
     }
 
