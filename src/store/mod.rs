@@ -3904,6 +3904,33 @@ mod tests {
     }
 
     #[test]
+    fn a_filed_run_lands_whole_in_full_statements_and_single_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(&config(&dir)).unwrap();
+        // Two statements of 64 rows and 5 single rows, handed over unsorted.
+        let mut run: Vec<ClientId> = (0..133i64)
+            .rev()
+            .map(|n| ClientId {
+                sender_id: n % 3,
+                client_msg_id: n - 60,
+                id: n + 1,
+            })
+            .collect();
+        file_client_ids(&db.conn, &mut run).unwrap();
+        let rows: Vec<(i64, i64, i64)> = db
+            .conn
+            .prepare("SELECT sender_id, client_msg_id, id FROM client_ids ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected: Vec<(i64, i64, i64)> = (0..133).map(|n| (n % 3, n - 60, n + 1)).collect();
+        assert_eq!(rows, expected);
+        assert_eq!(filed(&db.conn), (133, 133));
+    }
+
+    #[test]
     fn version_4_messages_keep_their_ids_counter_and_resends() {
         let dir = tempfile::tempdir().unwrap();
         let config = config(&dir);

@@ -187,16 +187,41 @@ fn highest_filed(conn: &Connection, (sender, upper): Block) -> rusqlite::Result<
     })
 }
 
+/// Rows one INSERT of [`file`] carries (3 parameters each, far below SQLite's limit of 32,766).
+const ROWS_PER_INSERT: usize = 64;
+
+/// `INSERT INTO client_ids ... VALUES (?, ?, ?), ...` for `rows` rows.
+fn insert_rows_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO client_ids (sender_id, client_msg_id, id) VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
+    }
+    sql
+}
+
+fn row_values(entry: &ClientId) -> [i64; 3] {
+    [entry.sender_id, entry.client_msg_id, entry.id]
+}
+
 /// Files a run of ids, sorted so that each page of `client_ids` is visited once, and moves the mark
 /// to the newest message of the run. Every message above the old mark must be in `run`. Public for
 /// the load generator's store-ceiling, which files its rows the way the server does.
 pub fn file(conn: &Connection, run: &mut [ClientId]) -> rusqlite::Result<()> {
     run.sort_unstable();
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO client_ids (sender_id, client_msg_id, id) VALUES (?1, ?2, ?3)",
-    )?;
-    for entry in run.iter() {
-        insert.execute(params![entry.sender_id, entry.client_msg_id, entry.id])?;
+    // Many rows per statement: a statement's own work (a cursor opened and walked down from the
+    // root) cost as much as the row it inserted.
+    let mut chunks = run.chunks_exact(ROWS_PER_INSERT);
+    if chunks.len() > 0 {
+        let mut insert = conn.prepare_cached(&insert_rows_sql(ROWS_PER_INSERT))?;
+        for chunk in chunks.by_ref() {
+            insert.execute(rusqlite::params_from_iter(
+                chunk.iter().flat_map(row_values),
+            ))?;
+        }
+    }
+    let mut insert = conn.prepare_cached(&insert_rows_sql(1))?;
+    for entry in chunks.remainder() {
+        insert.execute(rusqlite::params_from_iter(row_values(entry)))?;
     }
     let newest = run.iter().map(|entry| entry.id).max().unwrap_or(0);
     conn.prepare_cached("UPDATE client_ids_state SET filed_up_to = max(filed_up_to, ?1)")?
