@@ -26,7 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{from_db, to_db, UserId};
 
-/// Ids waiting in memory before they are filed in one run (bounds the memory to some 100 bytes each).
+/// Ids waiting in memory before they are filed in one run (bounds that memory; each takes under 100 bytes).
 pub const FILE_AT: usize = if cfg!(test) { 8 } else { 4096 };
 
 /// One message's place in the resend check, as stored: the client id is the u64 read as i64.
