@@ -1241,22 +1241,25 @@ impl Op {
     /// (or, after some I/O and disk-full errors, drops the whole transaction, which run_batch
     /// notices and answers by failing the batch). Its reads change nothing. Jobs with a single
     /// write keep it last (see resume_token and mark_delivered); one that gains a second write,
-    /// or fallible work after its write, must be moved to the `true` side.
+    /// or fallible work after its write, must be moved to the `true` side. The one exception is
+    /// storing a message, too frequent to pay for a savepoint: its insert is followed by the resend
+    /// check and, for a resend, a DELETE, and any failure after the insert rolls the whole
+    /// transaction back instead (insert_message), which fails the batch.
     fn needs_savepoint(&self) -> bool {
         match self {
             // The room and the host's membership; the room's close and its members' windows.
             Op::CreateRoom { .. } | Op::CloseRoom { .. } => true,
+            // An insert, then fallible work that rolls the transaction back on failure.
+            Op::StoreMessage { .. } | Op::StoreRoomMessage { .. } => false,
             // One write, last.
             Op::CreateUser { .. }
             | Op::IssueToken { .. }
             | Op::ResumeToken { .. }
             | Op::RevokeToken { .. }
-            | Op::StoreMessage { .. }
             | Op::MarkDelivered { .. }
             | Op::JoinRoom { .. }
             | Op::LeaveRoom { .. }
             | Op::Kick { .. }
-            | Op::StoreRoomMessage { .. }
             | Op::SetLastSeen { .. } => false,
             // Reads only.
             Op::LookupUser { .. }
@@ -1627,6 +1630,12 @@ macro_rules! message_columns {
     };
 }
 
+/// The message a client id named: it must exist, since messages are never deleted once committed.
+fn original_message(conn: &Connection, id: u64) -> JobResult<StoredMessage> {
+    message_by_id(conn, id)?
+        .ok_or_else(|| JobError::Invalid(format!("client id names message {id}, which is gone")))
+}
+
 fn message_by_id(conn: &Connection, id: u64) -> rusqlite::Result<Option<StoredMessage>> {
     conn.prepare_cached(concat!(
         "SELECT ",
@@ -1653,9 +1662,7 @@ fn message_by_client_id(
     else {
         return Ok(None);
     };
-    let original = message_by_id(&db.conn, id)?
-        .ok_or_else(|| JobError::Invalid(format!("client id names message {id}, which is gone")))?;
-    Ok(Some(original))
+    original_message(&db.conn, id).map(Some)
 }
 
 /// Answers a resend (the client never saw our answer) with its original, whatever its kind —
@@ -1719,17 +1726,10 @@ fn insert_message(
                 duplicate: false,
             })
         }
-        Ok(Some(original_id)) => {
-            let original = message_by_id(&db.conn, original_id)?.ok_or_else(|| {
-                JobError::Invalid(format!(
-                    "client id names message {original_id}, which is gone"
-                ))
-            })?;
-            Ok(Outcome::Stored {
-                message: original,
-                duplicate: true,
-            })
-        }
+        Ok(Some(original_id)) => Ok(Outcome::Stored {
+            message: original_message(&db.conn, original_id)?,
+            duplicate: true,
+        }),
         Err(e) => {
             // The job has no savepoint and its row must not be committed: the whole transaction
             // goes, and run_batch fails the batch's other jobs.
@@ -3928,6 +3928,26 @@ mod tests {
         let expected: Vec<(i64, i64, i64)> = (0..133).map(|n| (n % 3, n - 60, n + 1)).collect();
         assert_eq!(rows, expected);
         assert_eq!(filed(&db.conn), (133, 133));
+    }
+
+    #[test]
+    fn a_resend_check_that_fails_after_the_insert_rolls_the_batch_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice"), create("bob")]);
+        // Sender 2's block was never read, so the check must query client_ids, which is gone.
+        db.conn.execute_batch("DROP TABLE client_ids").unwrap();
+        let outcomes = run_ops(&mut db, vec![create("carol"), dm_op(2, 1)]);
+        assert!(
+            failure(&outcomes[0]).contains("rolled back with its batch"),
+            "{outcomes:?}"
+        );
+        assert!(failure(&outcomes[1]).contains("client_ids"), "{outcomes:?}");
+        let messages: i64 = db
+            .conn
+            .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((messages, user_count(&db.conn)), (0, 2));
     }
 
     #[test]
