@@ -533,6 +533,21 @@ const MIGRATIONS: &[Migration] = &[
             -- The resend check leaves the commit path (store/resend.rs): UNIQUE (sender_id,
             -- client_msg_id) dirtied a page per sender in every commit. SQLite cannot drop a
             -- table's constraint, so the table is rebuilt with the same columns and ids.
+
+            -- Which message each (sender, client id) names. Filed in sorted runs; the messages
+            -- above filed_up_to are in the store thread's memory instead.
+            CREATE TABLE client_ids (
+                sender_id     INTEGER NOT NULL,
+                client_msg_id INTEGER NOT NULL,
+                id            INTEGER NOT NULL,
+                PRIMARY KEY (sender_id, client_msg_id)
+            ) WITHOUT ROWID;
+            -- Read through the UNIQUE index while it exists: in its order, with no sort.
+            INSERT INTO client_ids (sender_id, client_msg_id, id)
+                SELECT sender_id, client_msg_id, id FROM messages ORDER BY sender_id, client_msg_id;
+            CREATE TABLE client_ids_state (filed_up_to INTEGER NOT NULL);
+            INSERT INTO client_ids_state (filed_up_to)
+                SELECT coalesce(max(id), 0) FROM messages;
             CREATE TABLE messages_v5 (
                 id            INTEGER PRIMARY KEY AUTOINCREMENT,
                 sender_id     INTEGER NOT NULL REFERENCES users(id),
@@ -559,19 +574,6 @@ const MIGRATIONS: &[Migration] = &[
             DROP TABLE messages;
             ALTER TABLE messages_v5 RENAME TO messages;
             CREATE INDEX messages_by_room ON messages(room_id, id) WHERE room_id IS NOT NULL;
-            -- Which message each (sender, client id) names. Filed in sorted runs; the messages
-            -- above filed_up_to are in the store thread's memory instead.
-            CREATE TABLE client_ids (
-                sender_id     INTEGER NOT NULL,
-                client_msg_id INTEGER NOT NULL,
-                id            INTEGER NOT NULL,
-                PRIMARY KEY (sender_id, client_msg_id)
-            ) WITHOUT ROWID;
-            INSERT INTO client_ids (sender_id, client_msg_id, id)
-                SELECT sender_id, client_msg_id, id FROM messages ORDER BY sender_id, client_msg_id;
-            CREATE TABLE client_ids_state (filed_up_to INTEGER NOT NULL);
-            INSERT INTO client_ids_state (filed_up_to)
-                SELECT coalesce(max(id), 0) FROM messages;
         ",
     },
 ];
@@ -3948,6 +3950,87 @@ mod tests {
             .query_row("SELECT count(*) FROM messages", [], |r| r.get(0))
             .unwrap();
         assert_eq!((messages, user_count(&db.conn)), (0, 2));
+    }
+
+    #[test]
+    fn refused_and_rolled_back_messages_keep_the_blocks_in_memory_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice"), create("bob")]);
+        // Refusals read a block each (the resend check) and never file anything.
+        let refusals: Vec<Op> = (0..50u64)
+            .map(|block| Op::StoreMessage {
+                sender: 1,
+                recipient: "nobody".into(),
+                client_msg_id: block << 32,
+                text: "x".into(),
+            })
+            .collect();
+        assert!(run_ops(&mut db, refusals)
+            .iter()
+            .all(|outcome| matches!(outcome, Outcome::UnknownRecipient)));
+        assert!(
+            db.recent.blocks_held().1 <= resend::FILE_AT,
+            "{:?}",
+            db.recent.blocks_held()
+        );
+        // Batches that roll back leave no blocks of their ids behind.
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER abandon BEFORE INSERT ON main.messages
+                 WHEN new.text = 'abandon' BEGIN SELECT RAISE(ROLLBACK, 'abandoned'); END;",
+            )
+            .unwrap();
+        for block in 0..50u64 {
+            let stored_then_abandoned = vec![
+                dm_op(1, (block << 32) | 1),
+                Op::StoreMessage {
+                    sender: 2,
+                    recipient: "bob".into(),
+                    client_msg_id: 1,
+                    text: "abandon".into(),
+                },
+            ];
+            assert!(matches!(
+                run_ops(&mut db, stored_then_abandoned)[0],
+                Outcome::Failed(_)
+            ));
+        }
+        assert!(
+            db.recent.blocks_held().0 <= resend::FILE_AT,
+            "{:?}",
+            db.recent.blocks_held()
+        );
+    }
+
+    #[test]
+    fn a_filing_that_fails_leaves_its_batch_committed_and_is_tried_again_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice"), create("bob")]);
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER no_room BEFORE INSERT ON main.client_ids
+                 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+            )
+            .unwrap();
+        let mut ids = Vec::new();
+        for client_msg_id in 1..=9 {
+            let (id, duplicate) = stored(&run_ops(&mut db, vec![dm_op(1, client_msg_id)])[0]);
+            assert!(!duplicate, "{client_msg_id}");
+            ids.push(id);
+        }
+        assert_eq!(filed(&db.conn), (0, 0), "the eighth commit's filing failed");
+        for (client_msg_id, id) in (1..=9).zip(&ids) {
+            assert_eq!(
+                stored(&run_ops(&mut db, vec![dm_op(1, client_msg_id)])[0]),
+                (*id, true)
+            );
+        }
+        db.conn.execute_batch("DROP TRIGGER no_room").unwrap();
+        // The next try waits for FILE_AT / 4 = 2 more ids than there were at the failure.
+        let (tenth, _) = stored(&run_ops(&mut db, vec![dm_op(1, 10)])[0]);
+        assert_eq!(filed(&db.conn), (10, i64::try_from(tenth).unwrap()));
     }
 
     #[test]

@@ -26,7 +26,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{from_db, to_db, UserId};
 
-/// Ids waiting in memory before they are filed in one run (bounds that memory; each takes under 100 bytes).
+/// Ids waiting in memory before they are filed in one run: the bound on that memory while the disk
+/// takes writes (each id takes under 100 bytes).
 pub const FILE_AT: usize = if cfg!(test) { 8 } else { 4096 };
 
 /// One message's place in the resend check, as stored: the client id is the u64 read as i64.
@@ -51,14 +52,19 @@ pub struct RecentIds {
     unfiled: HashMap<(UserId, i64), u64>,
     /// Of `unfiled`, those added in the open transaction, to forget if it rolls back.
     opened: Vec<(UserId, i64)>,
-    /// Highest client id of each block in `unfiled`. Not lowered on a rollback: too high only
-    /// sends more ids to the slow path.
+    /// Highest client id of each block in `unfiled`. A rollback leaves its blocks behind (too high
+    /// only sends ids to the slow path) until [`FILE_AT`] of them have piled up; then it is rebuilt
+    /// from `unfiled`, so the rebuild's cost is spread over that many rolled-back ids.
     unfiled_highest: HashMap<Block, i64>,
     /// Highest client id of each block in `client_ids` (None: the block is empty there), read once
-    /// per block and forgotten when a run is filed, which changes the table.
+    /// per block. A cache: forgotten when a run is filed, which changes the table, and when it
+    /// holds [`FILE_AT`] blocks, since refused messages (unknown recipient...) read blocks without
+    /// ever filing.
     filed_highest: HashMap<Block, Option<i64>>,
     /// Whether the open transaction files the unfiled ids.
     filing: bool,
+    /// After a filing failed (a full disk), how many unfiled ids the next try waits for.
+    retry_at: Option<usize>,
 }
 
 impl RecentIds {
@@ -113,6 +119,9 @@ impl RecentIds {
             Some(&highest) => highest,
             None => {
                 let highest = highest_filed(conn, block)?;
+                if self.filed_highest.len() >= FILE_AT {
+                    self.filed_highest.clear();
+                }
                 self.filed_highest.insert(block, highest);
                 highest
             }
@@ -129,31 +138,49 @@ impl RecentIds {
 
     fn remember(&mut self, sender: UserId, key: i64, id: u64) {
         self.unfiled.insert((sender, key), id);
-        let highest = self
-            .unfiled_highest
-            .entry(block_of(sender, key))
-            .or_insert(key);
-        *highest = (*highest).max(key);
+        raise_highest(&mut self.unfiled_highest, sender, key);
     }
 
     /// Inside the open transaction, before its COMMIT: files the unfiled ids once there are
-    /// [`FILE_AT`] of them.
+    /// [`FILE_AT`] of them. A filing that fails (a full disk) is undone on its own and the batch
+    /// commits without it: its messages and reads must not fail for ids that can wait in memory.
+    /// The next try waits for [`FILE_AT`] / 4 more ids, so a full disk does not cost a failed run
+    /// per commit. An error here means the transaction itself is lost.
     pub fn file_if_due(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        if self.unfiled.len() < FILE_AT {
+        let due = self.retry_at.unwrap_or(FILE_AT);
+        if self.unfiled.len() < due {
             return Ok(());
         }
-        let mut run: Vec<ClientId> = self
-            .unfiled
+        let mut run = self.unfiled_run();
+        conn.execute_batch("SAVEPOINT filing")?;
+        let filed = file(conn, &mut run).and_then(|()| conn.execute_batch("RELEASE filing"));
+        match filed {
+            Ok(()) => {
+                if self.retry_at.take().is_some() {
+                    log::info!("client ids are filed again ({} of them)", run.len());
+                }
+                self.filing = true;
+            }
+            Err(e) => {
+                conn.execute_batch("ROLLBACK TO filing; RELEASE filing")?;
+                if self.retry_at.is_none() {
+                    log::warn!("cannot file client ids, keeping them in memory: {e}");
+                }
+                self.retry_at = Some(self.unfiled.len() + FILE_AT / 4);
+            }
+        }
+        Ok(())
+    }
+
+    fn unfiled_run(&self) -> Vec<ClientId> {
+        self.unfiled
             .iter()
             .map(|(&(sender, key), &id)| ClientId {
                 sender_id: to_db(sender),
                 client_msg_id: key,
                 id: to_db(id),
             })
-            .collect();
-        file(conn, &mut run)?;
-        self.filing = true;
-        Ok(())
+            .collect()
     }
 
     /// The open transaction committed.
@@ -172,7 +199,24 @@ impl RecentIds {
             self.unfiled.remove(&key);
         }
         self.filing = false;
+        if self.unfiled_highest.len() > self.unfiled.len() + FILE_AT {
+            self.unfiled_highest.clear();
+            for &(sender, key) in self.unfiled.keys() {
+                raise_highest(&mut self.unfiled_highest, sender, key);
+            }
+        }
     }
+
+    /// Blocks held in memory: of unfiled ids, and of filed ones (for tests of the bounds).
+    #[cfg(test)]
+    pub fn blocks_held(&self) -> (usize, usize) {
+        (self.unfiled_highest.len(), self.filed_highest.len())
+    }
+}
+
+fn raise_highest(highest: &mut HashMap<Block, i64>, sender: UserId, key: i64) {
+    let held = highest.entry(block_of(sender, key)).or_insert(key);
+    *held = (*held).max(key);
 }
 
 /// Highest client id of `block` in `client_ids`.
