@@ -1,14 +1,17 @@
 //! The real `hubbub` binary under load, killed (SIGKILL) or stopped (SIGTERM) in the middle, then restarted on
 //! the same database: every acknowledged message survives exactly once ([HB-5.1] "Ack only after the store
-//! commits", [HB-5.2] resends, [HB-5.3] catch-up from the store).
+//! commits", [HB-5.2] resends, [HB-5.3] catch-up from the store). Also: a second server on a database that one
+//! serves refuses to start, and a killed server leaves no lock behind.
 
 mod common;
 
 use common::process::{integrity_check, ServerProcess};
-use hubbub::client::ClientError;
+use hubbub::client::{Client, ClientError};
 use hubbub::protocol::{Message, Packet, Request};
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
 use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -150,22 +153,28 @@ fn read_all(server: &ServerProcess) -> Vec<Message> {
     for i in 0..RECIPIENTS {
         let name = recipient_name(i);
         let (mut c, _) = server.login(&name, "after-restart", 0);
-        loop {
-            match c.next_push(WAIT) {
-                Ok(Packet::Deliver(m)) => {
-                    assert_eq!(
-                        m.recipient, name,
-                        "{name}'s feed has only messages to {name}"
-                    );
-                    all.push(m);
-                }
-                Ok(Packet::CaughtUp { .. }) => break,
-                Ok(_) => {}
-                Err(e) => panic!("{name} catching up after {} messages: {e}", all.len()),
-            }
-        }
+        all.extend(read_feed(&mut c, &name));
     }
     all
+}
+
+/// The messages `name`'s fresh session catches up on (logged in with last_seen 0), up to CaughtUp.
+fn read_feed(c: &mut Client, name: &str) -> Vec<Message> {
+    let mut feed = Vec::new();
+    loop {
+        match c.next_push(WAIT) {
+            Ok(Packet::Deliver(m)) => {
+                assert_eq!(
+                    m.recipient, name,
+                    "{name}'s feed has only messages to {name}"
+                );
+                feed.push(m);
+            }
+            Ok(Packet::CaughtUp { .. }) => return feed,
+            Ok(_) => {}
+            Err(e) => panic!("{name} catching up after {} messages: {e}", feed.len()),
+        }
+    }
 }
 
 /// Checks the delivered messages against what was sent: every acked message exactly once with its id and text,
@@ -404,4 +413,76 @@ fn hb_5_3_a_kill_before_the_message_index_caught_up_loses_nothing() {
             _ => continue,
         }
     }
+}
+
+// -------------------------------------------------------------------------------------------------------------
+// One server per database
+// -------------------------------------------------------------------------------------------------------------
+
+/// Runs the binary on `db` where it should refuse to start: its exit status and stderr. Panics if it is still
+/// running after WAIT, i.e. it was not refused.
+fn start_refused(db: &Path) -> (ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hubbub"))
+        .args(["--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a second server on {} kept running", db.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        pipe.read_to_string(&mut stderr).unwrap();
+    }
+    (status, stderr)
+}
+
+/// A second server on a database that another one serves would store resends twice and never deliver live what
+/// the other stored: it refuses to start and names the first. A SIGKILL leaves no lock behind to clear by hand.
+#[test]
+fn a_second_server_on_a_served_database_refuses_to_start_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hubbub.db");
+    let mut first = start_server(&db);
+    first.register_all(&["ann", "bob"]);
+    let (mut ann, _) = first.login("ann", "laptop", 0);
+    let (acked, _) = ann
+        .send_message("bob", 1, "before the second server")
+        .unwrap();
+
+    let (status, stderr) = start_refused(&db);
+    assert!(!status.success(), "{stderr}");
+    let expected = format!(
+        "{} is in use by another hubbub (pid {})",
+        db.display(),
+        first.pid()
+    );
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("hubbub.db-lock"), "{stderr}");
+
+    // The refused start changed nothing for the first server's clients.
+    let (again, _) = ann.send_message("bob", 2, "after it").unwrap();
+    assert!(again > acked);
+    first.assert_no_panics();
+
+    first.kill();
+    let next = start_server(&db);
+    let (mut bob, _) = next.login("bob", "phone", 0);
+    let texts: Vec<String> = read_feed(&mut bob, "bob")
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["before the second server", "after it"]);
 }

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{from_db, to_db, StoreError, BUSY_TIMEOUT, PAGE_CACHE_KIB};
+use super::{beside, from_db, to_db, StoreError, BUSY_TIMEOUT, PAGE_CACHE_KIB};
 
 /// The name the store's connection attaches the index file under.
 pub(super) const SCHEMA: &str = "idx";
@@ -121,9 +121,7 @@ impl Default for IndexSettings {
 
 /// `<db>-index`, beside SQLite's own `<db>-wal` and `<db>-shm`.
 pub fn index_path(db_path: &Path) -> PathBuf {
-    let mut name = db_path.as_os_str().to_owned();
-    name.push("-index");
-    PathBuf::from(name)
+    beside(db_path, "-index")
 }
 
 /// A path as SQL text, for ATTACH.

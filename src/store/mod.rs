@@ -28,11 +28,14 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use crate::session::Ticket;
 
 mod index;
+mod owner;
 mod queue;
 mod resend;
 
 use index::Indexer;
 pub use index::{index_path, IndexEntry, IndexSettings, IndexWriter};
+pub use owner::lock_path;
+use owner::Ownership;
 use queue::JobQueue;
 use resend::RecentIds;
 pub use resend::{file as file_client_ids, ClientId, FILE_AT as CLIENT_IDS_FILE_AT};
@@ -383,6 +386,8 @@ pub enum StoreError {
     },
     /// The store thread could not be created.
     Spawn(String),
+    /// Another server holds the database's lock file; `holder` is the pid it wrote there.
+    InUse { path: PathBuf, holder: Option<u32> },
 }
 
 impl std::fmt::Display for StoreError {
@@ -405,6 +410,17 @@ impl std::fmt::Display for StoreError {
                 path.display()
             ),
             StoreError::Spawn(reason) => write!(f, "cannot start the store thread: {reason}"),
+            StoreError::InUse { path, holder } => {
+                write!(f, "database {} is in use by another hubbub", path.display())?;
+                if let Some(pid) = holder {
+                    write!(f, " (pid {pid})")?;
+                }
+                write!(
+                    f,
+                    "; stop that server first, or give this one its own --db (lock file {})",
+                    lock_path(path).display()
+                )
+            }
         }
     }
 }
@@ -624,6 +640,8 @@ impl StoreHandle {
         config: StoreConfig,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<(StoreHandle, Receiver<Done>), StoreError> {
+        // Before anything reads or migrates the file: it may belong to a server that is running.
+        let ownership = owner::claim(&config.path)?;
         let db = open_database(&config)?;
         let index = Indexer::start(&config.path, config.index, config.max_batch)?;
         let jobs = Arc::new(JobQueue::new(config.queue_capacity));
@@ -637,6 +655,7 @@ impl StoreHandle {
             stats: Arc::clone(&stats),
             max_batch: config.max_batch.max(1),
             index,
+            _ownership: ownership,
         };
         let worker = thread::Builder::new()
             .name("hubbub-store".into())
@@ -745,6 +764,13 @@ fn open_database(config: &StoreConfig) -> Result<Db, StoreError> {
         users: UserCache::default(),
         recent,
     })
+}
+
+/// A file beside the database, named after it: `<db><suffix>`, like SQLite's own `<db>-wal`.
+fn beside(db_path: &Path, suffix: &str) -> PathBuf {
+    let mut name = db_path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i32> {
@@ -917,6 +943,9 @@ struct Worker {
     max_batch: usize,
     /// Dropped with the worker, which stops the indexer thread.
     index: Indexer,
+    /// Declared last so it is dropped last: the database is released only once both of this
+    /// store's threads are done with it.
+    _ownership: Ownership,
 }
 
 /// Jobs taken from the queue in one go, and the Shutdown that ended the taking, if any.
@@ -3063,6 +3092,66 @@ mod tests {
             .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
             .unwrap();
         assert_eq!(tables, 0, "nothing created in a database we refused");
+    }
+
+    #[test]
+    fn a_second_store_on_a_served_database_is_refused_until_the_first_stops() {
+        let mut first = TestStore::new();
+        let ann = first.user("ann");
+        let config = config(&first.dir);
+
+        let err = StoreHandle::start(config.clone(), no_wake()).err().unwrap();
+        let pid = std::process::id();
+        assert!(
+            matches!(&err, StoreError::InUse { path, holder: Some(holder) }
+                if *path == config.path && *holder == pid),
+            "{err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("hubbub.db is in use by another hubbub"),
+            "{message}"
+        );
+        assert!(message.contains(&format!("(pid {pid})")), "{message}");
+        assert!(message.contains("hubbub.db-lock"), "{message}");
+        // The refused start left the running store alone.
+        assert_eq!(first.user("bob"), ann + 1);
+
+        let mut again = TestStore::open(first.stop());
+        assert_eq!(
+            again.user("cy"),
+            ann + 2,
+            "the same database, both users kept"
+        );
+        again.stop();
+    }
+
+    #[test]
+    fn a_lock_file_left_behind_does_not_hold_the_database_but_a_lock_on_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(&dir);
+        let lock = lock_path(&config.path);
+        // What a killed server leaves: the file, with a pid, but no lock (the kernel dropped it).
+        std::fs::write(&lock, "4242\n").unwrap();
+        let store = TestStore::open(dir);
+        let dir = store.stop();
+
+        // Someone else's lock on a file without a readable pid: refused, and said without one.
+        let other = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&lock)
+            .unwrap();
+        other.try_lock().unwrap();
+        std::fs::write(&lock, "not a pid").unwrap();
+        let err = StoreHandle::start(config.clone(), no_wake()).err().unwrap();
+        assert!(
+            matches!(err, StoreError::InUse { holder: None, .. }),
+            "{err:?}"
+        );
+        assert!(!err.to_string().contains("(pid"), "{err}");
+        drop(other);
+        TestStore::open(dir).stop();
     }
 
     #[test]
