@@ -412,7 +412,7 @@ mod tests {
     }
 
     // Every default is written twice, in the flag attributes and in Config::default (for embedding and tests):
-    // this keeps the two from drifting apart, all 34 of them at once.
+    // this keeps the two from drifting apart, all of them at once.
     #[test]
     fn command_line_defaults_are_config_default() {
         let c = Config::try_from_args(["hubbub"]).unwrap();

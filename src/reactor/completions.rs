@@ -2,8 +2,9 @@
 //!
 //! Every completion carries the `Ticket` of its request. The session it names may have closed while the worker
 //! was busy, and its slot may already belong to a new connection: a completion whose session id does not match
-//! the slot's current session is dropped (its effect, if a write, is committed all the same and will reach the
-//! user through the cursor feed).
+//! the slot's current session gets no reply. What the store committed takes effect all the same: room changes
+//! reach the room, a stored message is routed live and its receipts sent, a revoked token closes its sessions;
+//! only the reply depends on the asking session.
 //!
 //! Must not: block, or call a worker synchronously. Wakes coalesce, so each wake drains *every* completion.
 

@@ -11,7 +11,8 @@
 //! * *Nothing acknowledged is lost.* An Ack is sent only from the completion of the job that stored the
 //!   message, and the store answers only after its transaction committed.
 //!
-//! Each session's cursor (the highest id it has been sent) only moves forward, and nothing at or below it is
+//! Each session's cursor (the highest id it has been sent, or of its own messages acknowledged while it is live,
+//! [HB-5.10]) only moves forward, and nothing at or below it is
 //! sent again: a message reached by both a page and a push goes out once.
 //!
 //! Must not: block, or do per-recipient database work when routing (one stored row, one encoded frame, copied

@@ -271,7 +271,7 @@ impl Reactor {
         self.submit_store(store::Job { ticket, op });
     }
 
-    /// Queues a job for the store. Never blocks and never drops: what the bounded channel will not take waits in
+    /// Queues a job for the store. Never blocks and never drops: what the bounded job queue (`store/queue.rs`) will not take waits in
     /// the backlog, and while the backlog is non-empty the loop reads no new frames (see `may_take_frames`).
     pub(super) fn submit_store(&mut self, job: store::Job) {
         if !self.store_backlog.is_empty() {
@@ -285,7 +285,7 @@ impl Reactor {
         }
     }
 
-    /// Moves backlogged jobs into the store's channel, in order, as far as it takes them.
+    /// Moves backlogged jobs into the store's queue, in order, as far as it takes them.
     pub(super) fn pump_store_backlog(&mut self) {
         let Some(store) = &self.store else { return };
         while let Some(job) = self.store_backlog.pop_front() {

@@ -2,7 +2,7 @@
 //!
 //! This module owns the SQLite connection, the schema and its migrations, and group commit. All
 //! database work happens on one dedicated thread ("hubbub-store"): jobs arrive over a bounded
-//! channel, queued jobs are run together in one transaction (a job that writes more than once
+//! queue (`queue.rs`), queued jobs are run together in one transaction (a job that writes more than once
 //! inside its own savepoint), and completions are sent back only after that transaction committed, followed by one call to
 //! the `wake` callback so the reactor notices them.
 //!

@@ -1,8 +1,8 @@
 //! The resend check: has this sender already used this client message id ([HB-5.2])?
 //!
 //! Owns the `client_ids` table (sender, client message id → message id) and the store thread's
-//! memory of the ids not filed there yet. It must not touch `messages` except to file ids at
-//! startup, and it never runs on the loop's thread.
+//! memory of the ids not filed there yet. It must not touch `messages` except to read back the
+//! ids not filed yet at startup, and it never runs on the loop's thread.
 //!
 //! Why not a UNIQUE index on `messages`: such an index is keyed by sender, so a commit dirties one
 //! of its pages for every sender in it, and each dirty page is a 4 KiB WAL frame written and
