@@ -5,9 +5,13 @@
 //! from the output buffer, bounded by a per-turn budget). The state machine ([HB-7]):
 //!
 //! ```text
-//!   accept ──► Connected ──Login/Resume──► Authenticating ──ok──► Ready ──Logout──► Connected
-//!                  │                            │ refused ─────────► Connected          │
-//!                  └───────── any error, timeout, peer close, shutdown ──► Closing ◄─────┘
+//!   accept ──► Connected ── Register / Login / Resume ──► Authenticating ── LoginOk ──► Ready
+//!               ▲    ▲                                          │                       │
+//!               │    └─────── Ok (Register) or Error ───────────┘                       │
+//!               └──────────── Ok (Logout) ◄── Authenticating ◄──────── Logout ──────────┤
+//!                                                  └────── Error (Logout failed) ───────┘
+//!
+//!   any state ── Error with code < 100, timeout, peer close, I/O error, shutdown ──► Closing ──► closed
 //! ```
 //!
 //! Must not: decide what a request means (the reactor does), touch other sessions, or block: every socket call
@@ -17,7 +21,7 @@ use crate::store::UserId;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Names the request a worker job answers, so the loop can route its completion back.
 ///
@@ -37,7 +41,8 @@ pub struct Identity {
     pub username: String,
     /// The token this session logged in with (Logout and RevokeToken act on it).
     pub token_id: u64,
-    /// The highest message id this session has been sent ([HB-5.3]): the one cursor behind catch-up,
+    /// The highest message id this session has been sent, or of its own messages acknowledged while live
+    /// ([HB-5.3], [HB-5.10]): the one cursor behind catch-up,
     /// multi-device sync, reconnects and slow readers.
     pub cursor: u64,
     pub feed: Feed,
@@ -238,6 +243,30 @@ impl Session {
                 }
                 Err(e) => return Err(IoStatus::Failed(e.kind())),
             }
+        }
+    }
+
+    /// Bytes written to the socket that the client has not acknowledged yet: output the kernel still holds for
+    /// it. None where the kernel cannot be asked (only Linux is).
+    pub fn output_held_by_the_kernel(&self) -> Option<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let mut held: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ (SIOCOUTQ for a TCP socket) stores one c_int through the pointer, which points at
+            // `held`; the descriptor is open for as long as `self.stream` is.
+            let result = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut held) };
+            (result == 0).then(|| usize::try_from(held).unwrap_or(0))
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
+    /// Makes closing the socket reset the connection (SO_LINGER 0) instead of ending it with a FIN behind the
+    /// output the kernel still holds. Best effort: if the option is refused, the socket closes the usual way.
+    pub fn reset_when_closed(&self) {
+        if let Err(e) = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO)) {
+            log::debug!("cannot set SO_LINGER on {}: {e}", self.peer);
         }
     }
 

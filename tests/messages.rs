@@ -833,6 +833,79 @@ fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
     assert_eq!(ids_of(&messages), sent);
 }
 
+/// Bob logs in, then reads nothing while alice sends him `messages` of 8,000 bytes. He sends one Ping half an
+/// idle timeout later if `ping` (else nothing); after twice the idle timeout he reads what reached him. Returns
+/// how his connection ended: None for a FIN, else the error. (He must not write more: data sent to a closed
+/// socket is answered with a reset, however it was closed.) Nothing may be lost: a new session of his catches
+/// up every message.
+fn stop_reading_then_see_how_the_connection_ends(messages: u64, ping: bool) -> Option<ErrorKind> {
+    let idle = Duration::from_secs(1);
+    let server = start_with(|cfg| {
+        cfg.out_high_water = 16 * 1024;
+        cfg.out_low_water = 4 * 1024;
+        cfg.idle_timeout = idle;
+        fast_senders(cfg);
+    });
+    let mut alice = online(&server, "alice");
+    let bob = online(&server, "bob");
+    let items = texts("s", messages, 8000);
+    let sent = send_pipelined(&mut alice, "bob", &items, 64);
+    let mut raw = bob.stream().try_clone().unwrap();
+    std::thread::sleep(idle / 2);
+    if ping {
+        let mut frame = Vec::new();
+        Request::Ping.encode(9, &mut frame);
+        raw.write_all(&frame).unwrap();
+    }
+    std::thread::sleep(idle * 3 / 2);
+
+    raw.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0usize;
+    let end = loop {
+        assert!(Instant::now() < deadline, "bob's connection never ended");
+        match raw.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => read += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    println!("{messages} messages: bob read {read} bytes, then {end:?}");
+    assert!(read > 0, "bob had received some of his messages");
+    let mut bob = server.login("bob", "phone");
+    let (caught_up, _) = catch_up(&mut bob);
+    assert_eq!(ids_of(&caught_up), sent);
+    end
+}
+
+// [HB-5.6] (f) A client that stopped reading is reset when its session ends, not closed with a FIN behind its
+// unread output. Here all of it fits in the kernel's buffers (about 4 MB on Linux), so bob's own output never
+// waits and he is closed for idleness; after a FIN the server's kernel would keep those 4 MB, and the socket,
+// for minutes. What bob had already received he can still read; then the connection says it was reset.
+#[test]
+fn hb_5_6_a_silent_client_whose_output_the_kernel_still_holds_is_reset() {
+    assert_eq!(
+        stop_reading_then_see_how_the_connection_ends(600, false),
+        Some(ErrorKind::ConnectionReset),
+        "a client that stopped reading is reset, not sent a FIN"
+    );
+}
+
+// [HB-5.6] (f) The same with more than the kernel's buffers take, and one Ping: bob's output waits in the
+// server, so his Ping waits unread ((b)) and he is not closed for idleness but as a slow consumer. That close
+// is a reset too.
+#[test]
+fn hb_5_6_a_slow_consumer_is_reset() {
+    assert_eq!(
+        stop_reading_then_see_how_the_connection_ends(1500, true),
+        Some(ErrorKind::ConnectionReset),
+        "a slow consumer is reset, not sent a FIN"
+    );
+}
+
 // [HB-5.6] A reader that is slow but keeps reading (and pinging) is not a slow consumer: it catches up a
 // backlog that takes several idle timeouts to read, and is not closed.
 #[test]

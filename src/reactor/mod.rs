@@ -625,16 +625,43 @@ impl Reactor {
                 continue;
             }
             let mut session = self.sessions.remove(slot);
-            // Last chance for the Error or Shutdown frame to go out, then a FIN rather than a reset.
+            // Last chance for the Error or Shutdown frame to go out.
             session.write_out(WRITE_BUDGET_PER_TURN);
-            discard_input(&mut session);
-            let _ = session.stream.shutdown(std::net::Shutdown::Write);
+            if self.is_left_behind(&session) {
+                session.reset_when_closed();
+            } else {
+                // A FIN rather than a reset, so that the client reads the last frame.
+                discard_input(&mut session);
+                let _ = session.stream.shutdown(std::net::Shutdown::Write);
+            }
             if let Err(e) = self.poll.registry().deregister(&mut session.stream) {
                 debug!("deregister {}: {e}", session.uuid);
             }
             self.release_address(session.peer.ip());
         }
         recycle(&mut self.to_reap, batch);
+    }
+}
+
+impl Reactor {
+    /// Whether a closing client has stopped reading, so that its connection is reset instead of closed with a
+    /// FIN. After a FIN the kernel keeps the socket, orphaned, until it has delivered what it holds: for a
+    /// client that does not read that is up to a whole send buffer (4 MiB by default on Linux), kept for
+    /// minutes while the kernel waits for a window that never opens, and one such orphan per reconnect. A
+    /// reset frees it at once. Nothing is lost: every message is in the store, and the client's cursor is only
+    /// where it said it had read.
+    ///
+    /// Only two closes say the client stopped reading: a slow consumer, and a silent client for which the
+    /// kernel still holds more than the low-water mark. Every other close (shutdown, a protocol error, a
+    /// replaced session) may be of a slow but reading client, which must still get its last frame.
+    fn is_left_behind(&self, session: &Session) -> bool {
+        match session.state {
+            State::Closing(CloseReason::SlowConsumer) => true,
+            State::Closing(CloseReason::IdleTimeout) => session
+                .output_held_by_the_kernel()
+                .is_some_and(|held| held > self.config.out_low_water),
+            _ => false,
+        }
     }
 }
 
