@@ -1791,16 +1791,11 @@ fn catch_up_while_full(method: Option<&str>) {
 // the catch-up completes on the full disk (reads need no space) with every message once, and the reader gets no
 // Error push — an Error of code 100 or more only ever answers a request, with its request id.
 //
-// BUG (src/reactor/completions.rs, `Reactor::on_store_done`, the `Outcome::Failed` branch): the store fails every
-// job of a batch whose COMMIT fails (store/mod.rs `run_batch`/`commit`, rightly: a read in that transaction may have
-// seen the batch's uncommitted writes), so a feed page (FetchFeed, ticket request id 0 = `FEED`) batched with
-// writes on a full disk comes back Failed; `on_store_done` then calls `self.fail(slot, 0, SERVER_ERROR, ..)`,
-// which pushes Error 110 with request id 0 to a client that asked nothing ([HB-6.2] allows request id 0 only for
-// MALFORMED; `Client::next_message` turns it into an error). Measured: 200-320 such pushes during one 800-message
-// catch-up (16 pages): the page is retried at once (only because that Error frame makes the session flush) and
-// fails again while writes keep failing. Fix: for a failed FEED job
-// send no Error; after `undo_pending` resets `page_in_flight`, call `self.request_page_if_drained(slot)` (or arm
-// a short retry timer, to avoid spinning on a failing disk).
+// How: a feed page batched with writes that fail is run again by the store on its own (`redo_failed_reads` in
+// src/store/mod.rs), so it does not fail with them; a page that fails by itself is asked for again by the loop
+// after a short delay (`retry_feed_pages`), with no Error push. Before the store ran reads again, every page
+// batched with the filler's writes failed and waited for that delay, and in a release build the filler's 100,000
+// refused sends often ended before the 16 pages had come through.
 #[test]
 fn catch_up_while_the_disk_fills() {
     catch_up_while_full(None);

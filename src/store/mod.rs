@@ -13,7 +13,8 @@
 //!
 //! A failing database (I/O error, full disk, read-only file, lock held by another process...)
 //! never ends the thread: the affected jobs answer [`Outcome::Failed`] and later jobs are tried
-//! afresh, so the server recovers on its own once the disk is writable or has space again.
+//! afresh, so the server recovers on its own once the disk is writable or has space again. Reads
+//! that failed only because their batch did are run again on their own (reads need no space).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -79,7 +80,7 @@ pub struct Job {
 }
 
 /// The operations the store performs.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Op {
     /// username is already validated and lower-cased by the caller.
     CreateUser { username: String, phc: String },
@@ -1061,6 +1062,9 @@ fn run_batch(db: &mut Db, jobs: Vec<Job>) -> BatchReport {
     let mut dones: Vec<Done> = Vec::with_capacity(jobs.len());
     // Index in `dones` of the first job of the open transaction.
     let mut open_since: Option<usize> = None;
+    // The batch's reads, kept to run again should the batch fail (no allocation in a batch without any).
+    let mut reads: Vec<(usize, Op)> = Vec::new();
+    let mut failed_with_batch = false;
     for job in jobs {
         if open_since.is_none() {
             match db.conn.execute_batch("BEGIN") {
@@ -1074,8 +1078,12 @@ fn run_batch(db: &mut Db, jobs: Vec<Job>) -> BatchReport {
                 }
             }
         }
+        if job.op.writes() == Writes::Nothing {
+            reads.push((dones.len(), job.op.clone()));
+        }
         let mut outcome = run_job(db, job.op);
         if db.conn.is_autocommit() {
+            failed_with_batch = true;
             db.rolled_back();
             let reason = match &outcome {
                 Outcome::Failed(reason) => reason.clone(),
@@ -1096,13 +1104,39 @@ fn run_batch(db: &mut Db, jobs: Vec<Job>) -> BatchReport {
     let commit_micros = open_since.and_then(|since| {
         let committed = commit(db, &mut dones[since..]);
         if committed.is_none() {
+            failed_with_batch = true;
             db.rolled_back();
         }
         committed
     });
+    if failed_with_batch {
+        redo_failed_reads(db, &mut dones, reads);
+    }
     BatchReport {
         dones,
         commit_micros,
+    }
+}
+
+/// Runs again, each in a transaction of its own, the reads that failed with their batch (a commit
+/// that failed, a transaction the database abandoned). Reads need no disk space: on a full disk,
+/// where every batch with a write fails, a user's catch-up must not fail with other users' writes.
+/// Their first answers cannot be kept: inside the failed transaction they may have seen writes that
+/// were then rolled back.
+fn redo_failed_reads(db: &mut Db, dones: &mut [Done], reads: Vec<(usize, Op)>) {
+    for (at, op) in reads {
+        if !matches!(dones[at].outcome, Outcome::Failed(_)) {
+            continue;
+        }
+        dones[at].outcome = match db.conn.execute_batch("BEGIN") {
+            Ok(()) => {
+                let outcome = run_job(db, op);
+                // Ends a transaction that wrote nothing: ROLLBACK needs no disk space, just like COMMIT.
+                roll_back_transaction(&db.conn);
+                outcome
+            }
+            Err(e) => Outcome::Failed(format!("cannot start a transaction: {e}")),
+        };
     }
 }
 
@@ -1261,6 +1295,35 @@ impl Op {
         }
     }
 
+    /// How the job writes, which decides how a failure of it is contained ([`Op::needs_savepoint`])
+    /// and whether it may run again after its batch failed ([`redo_failed_reads`]).
+    fn writes(&self) -> Writes {
+        match self {
+            // The room and the host's membership; the room's close and its members' windows.
+            Op::CreateRoom { .. } | Op::CloseRoom { .. } => Writes::Several,
+            Op::StoreMessage { .. } | Op::StoreRoomMessage { .. } => Writes::InsertThenCheck,
+            Op::CreateUser { .. }
+            | Op::IssueToken { .. }
+            | Op::ResumeToken { .. }
+            | Op::RevokeToken { .. }
+            | Op::MarkDelivered { .. }
+            | Op::JoinRoom { .. }
+            | Op::LeaveRoom { .. }
+            | Op::Kick { .. }
+            | Op::SetLastSeen { .. } => Writes::OnceLast,
+            Op::LookupUser { .. }
+            | Op::ListTokens { .. }
+            | Op::FetchFeed { .. }
+            | Op::History { .. }
+            | Op::ListRooms { .. }
+            | Op::RoomMembers { .. }
+            | Op::RoomHistory { .. }
+            | Op::LoadRooms
+            | Op::LookupUsers { .. }
+            | Op::Shutdown => Writes::Nothing,
+        }
+    }
+
     /// Whether the job must run inside its own savepoint, so that failing undoes its own changes
     /// and nothing else of the batch.
     ///
@@ -1272,39 +1335,26 @@ impl Op {
     /// (or, after some I/O and disk-full errors, drops the whole transaction, which run_batch
     /// notices and answers by failing the batch). Its reads change nothing. Jobs with a single
     /// write keep it last (see resume_token and mark_delivered); one that gains a second write,
-    /// or fallible work after its write, must be moved to the `true` side. The one exception is
+    /// or fallible work after its write, must be classed [`Writes::Several`]. The one exception is
     /// storing a message, too frequent to pay for a savepoint: its insert is followed by the resend
     /// check and, for a resend, a DELETE, and any failure after the insert rolls the whole
     /// transaction back instead (insert_message), which fails the batch.
     fn needs_savepoint(&self) -> bool {
-        match self {
-            // The room and the host's membership; the room's close and its members' windows.
-            Op::CreateRoom { .. } | Op::CloseRoom { .. } => true,
-            // An insert, then fallible work that rolls the transaction back on failure.
-            Op::StoreMessage { .. } | Op::StoreRoomMessage { .. } => false,
-            // One write, last.
-            Op::CreateUser { .. }
-            | Op::IssueToken { .. }
-            | Op::ResumeToken { .. }
-            | Op::RevokeToken { .. }
-            | Op::MarkDelivered { .. }
-            | Op::JoinRoom { .. }
-            | Op::LeaveRoom { .. }
-            | Op::Kick { .. }
-            | Op::SetLastSeen { .. } => false,
-            // Reads only.
-            Op::LookupUser { .. }
-            | Op::ListTokens { .. }
-            | Op::FetchFeed { .. }
-            | Op::History { .. }
-            | Op::ListRooms { .. }
-            | Op::RoomMembers { .. }
-            | Op::RoomHistory { .. }
-            | Op::LoadRooms
-            | Op::LookupUsers { .. }
-            | Op::Shutdown => false,
-        }
+        matches!(self.writes(), Writes::Several)
     }
+}
+
+/// How a job writes: see [`Op::writes`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Writes {
+    /// Reads only.
+    Nothing,
+    /// One write statement, last: a failure of it changed nothing.
+    OnceLast,
+    /// Storing a message: an insert, then fallible work that rolls the transaction back on failure.
+    InsertThenCheck,
+    /// More than one write: run inside a savepoint.
+    Several,
 }
 
 /// Takes the op by value so that a stored message can keep its text and names without copying.
@@ -3544,7 +3594,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_commit_fails_every_job_of_the_batch() {
+    fn failed_commit_fails_every_write_of_the_batch_and_runs_its_reads_again() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = open_database(&config(&dir)).unwrap();
         // Every new user leaves a deferred foreign-key violation behind, which only COMMIT checks.
@@ -3567,9 +3617,19 @@ mod tests {
                 create("bob"),
             ],
         );
-        for outcome in &outcomes {
-            assert!(failure(outcome).contains("commit failed"), "{outcome:?}");
-        }
+        assert!(
+            failure(&outcomes[0]).contains("commit failed"),
+            "{outcomes:?}"
+        );
+        assert!(
+            failure(&outcomes[2]).contains("commit failed"),
+            "{outcomes:?}"
+        );
+        // The look-up saw alice inside the batch; run again, it sees what was committed: no alice.
+        assert!(
+            matches!(outcomes[1], Outcome::Credentials(None)),
+            "{outcomes:?}"
+        );
         assert!(db.conn.is_autocommit(), "no transaction left open");
         assert_eq!(user_count(&db.conn), 0);
 
@@ -3577,6 +3637,55 @@ mod tests {
         let outcomes = run_ops(&mut db, vec![create("alice")]);
         assert!(matches!(outcomes[0], Outcome::UserCreated { .. }));
         assert_eq!(user_count(&db.conn), 1);
+    }
+
+    /// On a full disk every batch with a write fails; a catch-up batched with those writes must
+    /// still get its pages, and only what was committed.
+    #[test]
+    fn a_read_in_a_batch_the_database_abandons_answers_from_what_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = open_database(&config(&dir)).unwrap();
+        run_ops(&mut db, vec![create("alice"), create("bob")]);
+        let committed = run_ops(&mut db, vec![dm_op(1, 1)]);
+        let Outcome::Stored { message, .. } = &committed[0] else {
+            panic!("{committed:?}");
+        };
+        let committed_id = message.id;
+        db.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER abandon BEFORE INSERT ON main.messages
+                 WHEN new.text = 'abandon' BEGIN SELECT RAISE(ROLLBACK, 'abandoned'); END;",
+            )
+            .unwrap();
+        let feed = || Op::FetchFeed {
+            user_id: 2,
+            after_id: 0,
+            limit: 10,
+        };
+        let outcomes = run_ops(
+            &mut db,
+            vec![
+                dm_op(1, 2),
+                feed(),
+                Op::StoreMessage {
+                    sender: 1,
+                    recipient: "bob".into(),
+                    client_msg_id: 3,
+                    text: "abandon".into(),
+                },
+                feed(),
+            ],
+        );
+        assert!(failure(&outcomes[0]).contains("abandoned"), "{outcomes:?}");
+        assert!(failure(&outcomes[2]).contains("abandoned"), "{outcomes:?}");
+        // Inside the batch the first read saw message 2; run again, it sees only what was committed.
+        for at in [1, 3] {
+            let Outcome::Page { messages, more } = &outcomes[at] else {
+                panic!("read {at}: {outcomes:?}");
+            };
+            assert_eq!((ids(messages), *more), (vec![committed_id], false));
+        }
+        assert!(db.conn.is_autocommit(), "no transaction left open");
     }
 
     #[test]
