@@ -833,13 +833,14 @@ fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
     assert_eq!(ids_of(&messages), sent);
 }
 
-/// Bob logs in, then reads nothing while alice sends him `messages` of 8,000 bytes. He sends one Ping half an
-/// idle timeout later if `ping` (else nothing); after twice the idle timeout he reads what reached him. Returns
+/// Bob logs in, then reads nothing while alice sends him `messages` of 8,000 bytes. Once they are sent he
+/// sends one Ping if `ping` (else nothing); after twice the idle timeout he reads what reached him. Returns
 /// how his connection ended: None for a FIN, else the error. (He must not write more: data sent to a closed
 /// socket is answered with a reset, however it was closed.) Nothing may be lost: a new session of his catches
-/// up every message.
+/// up every message. The idle timeout (3 s, counted from his login or his Ping) leaves the sends several
+/// times the 0.4 s they take on a 2-core machine.
 fn stop_reading_then_see_how_the_connection_ends(messages: u64, ping: bool) -> Option<ErrorKind> {
-    let idle = Duration::from_secs(1);
+    let idle = Duration::from_secs(3);
     let server = start_with(|cfg| {
         cfg.out_high_water = 16 * 1024;
         cfg.out_low_water = 4 * 1024;
@@ -851,13 +852,16 @@ fn stop_reading_then_see_how_the_connection_ends(messages: u64, ping: bool) -> O
     let items = texts("s", messages, 8000);
     let sent = send_pipelined(&mut alice, "bob", &items, 64);
     let mut raw = bob.stream().try_clone().unwrap();
-    std::thread::sleep(idle / 2);
     if ping {
         let mut frame = Vec::new();
         Request::Ping.encode(9, &mut frame);
-        raw.write_all(&frame).unwrap();
+        if let Err(e) = raw.write_all(&frame) {
+            panic!(
+                "bob was closed before his Ping ({e}): the sends took longer than the idle timeout"
+            );
+        }
     }
-    std::thread::sleep(idle * 3 / 2);
+    std::thread::sleep(idle * 2);
 
     raw.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -882,9 +886,10 @@ fn stop_reading_then_see_how_the_connection_ends(messages: u64, ping: bool) -> O
 }
 
 // [HB-5.6] (f) A client that stopped reading is reset when its session ends, not closed with a FIN behind its
-// unread output. Here all of it fits in the kernel's buffers (about 4 MB on Linux), so bob's own output never
-// waits and he is closed for idleness; after a FIN the server's kernel would keep those 4 MB, and the socket,
-// for minutes. What bob had already received he can still read; then the connection says it was reset.
+// unread output. Bob sends nothing after his login, so he is closed for idleness, while the kernel holds about
+// 4 MB of his messages (on Linux; the rest waits in the store); after a FIN the server's kernel would keep them,
+// and the socket, for minutes. What bob had already received he can still read; then the connection says it
+// was reset.
 #[test]
 fn hb_5_6_a_silent_client_whose_output_the_kernel_still_holds_is_reset() {
     assert_eq!(
@@ -894,9 +899,9 @@ fn hb_5_6_a_silent_client_whose_output_the_kernel_still_holds_is_reset() {
     );
 }
 
-// [HB-5.6] (f) The same with more than the kernel's buffers take, and one Ping: bob's output waits in the
-// server, so his Ping waits unread ((b)) and he is not closed for idleness but as a slow consumer. That close
-// is a reset too.
+// [HB-5.6] (f) The same with more than the kernel's buffers take, and one Ping once they are full: bob's output
+// waits in the server, so his Ping waits unread ((b)) and he is not closed for idleness but as a slow consumer.
+// That close is a reset too.
 #[test]
 fn hb_5_6_a_slow_consumer_is_reset() {
     assert_eq!(

@@ -208,15 +208,22 @@ impl Server {
         };
         let (store, store_done) =
             StoreHandle::start(store_config, Arc::clone(&wake)).map_err(StartError::Store)?;
-        let (hasher, hash_done) = HashPool::start(
+        let started = HashPool::start(
             config.hash_threads,
             config.hash_queue,
             config.hash_params,
             wake,
         )
-        .map_err(StartError::Hash)?;
-
-        let hub = load_rooms(&store, &store_done)?;
+        .map_err(StartError::Hash)
+        .and_then(|hashing| Ok((hashing, load_rooms(&store, &store_done)?)));
+        let ((hasher, hash_done), hub) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                // Joined, not just dropped: the database is let go of before the caller may try again.
+                store.join();
+                return Err(e);
+            }
+        };
         let now = Instant::now();
         let reactor = Reactor {
             poll,
@@ -404,7 +411,11 @@ impl Reactor {
         );
         loop {
             let timeout = self.next_timeout();
-            self.poll_events(timeout)?;
+            if let Err(e) = self.poll_events(timeout) {
+                // The store finishes what it holds and lets go of the database before we return.
+                self.stop_workers();
+                return Err(e);
+            }
             self.now = Instant::now();
             self.dispatch_events();
             self.drain_completions();

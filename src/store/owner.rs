@@ -16,7 +16,7 @@
 //! system that cannot lock at all: that is warned about and served, as before this existed.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, Write};
+use std::io::{self, ErrorKind, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use super::{beside, StoreError};
@@ -32,25 +32,37 @@ pub fn lock_path(db_path: &Path) -> PathBuf {
     beside(db_path, "-lock")
 }
 
+/// The database's real path, symbolic links resolved, as SQLite resolves them to name its WAL: two
+/// paths to one file must lock one lock file. A file not created yet resolves through its directory.
+fn real_path(db_path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(db_path) {
+        return real;
+    }
+    let parent = match db_path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(parent), db_path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => db_path.to_path_buf(),
+    }
+}
+
 /// Takes the database for this process, or says which server already has it. Never waits: the
 /// other server may run for months.
 pub(super) fn claim(db_path: &Path) -> Result<Ownership, StoreError> {
-    let path = lock_path(db_path);
-    let mut file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-    {
-        Ok(file) => file,
-        // Where no file can be created beside the database, SQLite cannot create its WAL either and
-        // reports that in its own words a moment later.
+    let path = lock_path(&real_path(db_path));
+    let (mut file, writable) = match open_lock_file(&path) {
+        Ok(opened) => opened,
+        // No directory: SQLite reports that in its own words a moment later.
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Ownership { _lock: None }),
         Err(e) => return Ok(unguarded(&path, &e.to_string())),
     };
     match file.try_lock() {
         Ok(()) => {
-            write_holder(&mut file);
+            if writable {
+                write_holder(&mut file);
+            }
             Ok(Ownership { _lock: Some(file) })
         }
         Err(TryLockError::WouldBlock) => Err(StoreError::InUse {
@@ -58,6 +70,25 @@ pub(super) fn claim(db_path: &Path) -> Result<Ownership, StoreError> {
             holder: read_holder(&mut file),
         }),
         Err(TryLockError::Error(e)) => Ok(unguarded(&path, &e.to_string())),
+    }
+}
+
+/// Opens (creating it if needed) the lock file, and says whether it could be opened for writing. A
+/// lock file left by a server of another user (root, a service account) may be read-only to this
+/// one: the lock works on it all the same, only the pid is not written.
+fn open_lock_file(path: &Path) -> io::Result<(File, bool)> {
+    let writable = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path);
+    match writable {
+        Ok(file) => Ok((file, true)),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+            Ok((OpenOptions::new().read(true).open(path)?, false))
+        }
+        Err(e) => Err(e),
     }
 }
 
