@@ -767,19 +767,26 @@ fn hb_5_6_server_stops_reading_a_session_that_does_not_read_its_answers() {
     client.ping().unwrap();
 }
 
-// [HB-5.6] A session whose output cannot drain for idle_timeout is closed (SLOW_CONSUMER); its messages are
-// not lost.
-#[test]
-fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
-    let idle = Duration::from_secs(2);
+/// A server with small output limits (high water 16 KiB, low water 4 KiB), the given idle timeout and fast
+/// senders; alice and bob online on it.
+fn small_output_limits_and(idle: Duration) -> (TestServer, Client, Client) {
     let server = start_with(|cfg| {
         cfg.out_high_water = 16 * 1024;
         cfg.out_low_water = 4 * 1024;
         cfg.idle_timeout = idle;
         fast_senders(cfg);
     });
-    let mut alice = online(&server, "alice");
+    let alice = online(&server, "alice");
     let bob = online(&server, "bob");
+    (server, alice, bob)
+}
+
+// [HB-5.6] A session whose output cannot drain for idle_timeout is closed (SLOW_CONSUMER); its messages are
+// not lost.
+#[test]
+fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
+    let idle = Duration::from_secs(2);
+    let (server, mut alice, bob) = small_output_limits_and(idle);
     let bob_peer = bob.stream().try_clone().unwrap();
 
     // Enough to fill the kernel buffers between the server and bob.
@@ -841,14 +848,7 @@ fn hb_5_6_output_that_cannot_drain_is_closed_as_slow_consumer() {
 /// times the 0.4 s they take on a 2-core machine.
 fn stop_reading_then_see_how_the_connection_ends(messages: u64, ping: bool) -> Option<ErrorKind> {
     let idle = Duration::from_secs(3);
-    let server = start_with(|cfg| {
-        cfg.out_high_water = 16 * 1024;
-        cfg.out_low_water = 4 * 1024;
-        cfg.idle_timeout = idle;
-        fast_senders(cfg);
-    });
-    let mut alice = online(&server, "alice");
-    let bob = online(&server, "bob");
+    let (server, mut alice, bob) = small_output_limits_and(idle);
     let items = texts("s", messages, 8000);
     let sent = send_pipelined(&mut alice, "bob", &items, 64);
     let mut raw = bob.stream().try_clone().unwrap();
